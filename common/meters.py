@@ -1,0 +1,66 @@
+"""Running averages, progress lines and the per-epoch JSON log (rank 0 only)."""
+
+import json
+import os
+import time
+
+from common import dist
+
+
+class Meter:
+    """Average of a scalar over an epoch. Accepts device tensors and sums them on the device, so recording a
+    value does not wait for the GPU; only reading `avg` does."""
+
+    def __init__(self):
+        self.sum, self.count = 0.0, 0
+
+    def update(self, value, n: int = 1) -> None:
+        self.sum = self.sum + (value.detach().float() if hasattr(value, "detach") else value) * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return float(self.sum) / max(self.count, 1)
+
+
+class Progress:
+    """Times the steps of one epoch and prints `Epoch [e][i/n] name value ... img/s data` every print_freq."""
+
+    def __init__(self, epoch: int, steps: int, global_batch: int, print_freq: int):
+        self.epoch, self.steps, self.global_batch, self.print_freq = epoch, steps, global_batch, print_freq
+        self.meters: dict[str, Meter] = {}
+        self.start = self.last = time.perf_counter()
+        self.data_time = Meter()
+
+    def data_loaded(self) -> None:
+        self.data_time.update(time.perf_counter() - self.last)
+
+    def step(self, i: int, **values) -> None:
+        """Record this step's values; print every print_freq steps (reading values syncs with the device)."""
+        for k, v in values.items():
+            self.meters.setdefault(k, Meter()).update(v)
+        now = time.perf_counter()
+        self.last = now
+        if dist.is_main() and (i % self.print_freq == 0 or i == self.steps - 1):
+            rate = (i + 1) * self.global_batch / (now - self.start)
+            vals = "  ".join(f"{k} {m.avg:.4g}" for k, m in self.meters.items())
+            print(
+                f"Epoch [{self.epoch}][{i + 1}/{self.steps}]  {vals}  img/s {rate:.1f}  data {self.data_time.avg:.3f}s",
+                flush=True,
+            )
+
+    def summary(self, prefix: str = "train") -> dict:
+        elapsed = time.perf_counter() - self.start
+        out = {f"{prefix}/{k}": m.avg for k, m in self.meters.items()}
+        out.update({f"{prefix}/img_per_s": self.steps * self.global_batch / elapsed, f"{prefix}/epoch_s": elapsed})
+        return out
+
+
+def log_epoch(output_dir: str, record: dict) -> None:
+    """Append one JSON object to OUTPUT_DIR/log.jsonl and print it (rank 0)."""
+    if not dist.is_main():
+        return
+    line = json.dumps(record)
+    with open(os.path.join(output_dir, "log.jsonl"), "a") as f:
+        f.write(line + "\n")
+    print(line, flush=True)

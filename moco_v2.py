@@ -1,0 +1,238 @@
+"""MoCo v2: momentum contrast with an MLP head, aug-plus views and a cosine learning rate.
+
+Paper: Chen, Fan, Girshick, He, "Improved Baselines with Momentum Contrastive Learning", arXiv:2003.04297,
+on top of He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", arXiv:1911.05722.
+Base: none (root of the contrastive family; mochi.py and hexa_moco.py are written as diffs against it).
+
+    python moco_v2.py DATA                          # one process: one GPU, or the CPU for debugging
+    torchrun --nproc_per_node=8 moco_v2.py DATA     # one node, 8 GPUs, global batch 256 (the paper's run)
+"""
+
+import argparse
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.nn.parallel import DistributedDataParallel
+
+from common import ckpt, dist
+from common.cli import UserError, run
+from common.data import ImageFolder, train_loader
+from common.meters import Progress, log_epoch
+from common.views import TwoCrops, moco_v2_view
+
+METHOD = "moco_v2"
+ARCHS = sorted(n for n in torchvision.models.list_models(torchvision.models) if "resne" in n)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", metavar="DATA", help="ImageNet-style root; DATA/train/<class>/*.JPEG is read")
+    p.add_argument("-a", "--arch", default="resnet50", choices=ARCHS, help="torchvision ResNet (default resnet50)")
+    p.add_argument("--epochs", type=int, default=200, help="total epochs (default 200)")
+    p.add_argument("-b", "--batch-size", type=int, default=256, help="global batch over all processes (default 256)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 0.03 x batch-size / 256)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--wd", type=float, default=1e-4, help="weight decay (default 1e-4)")
+    p.add_argument("--cos", action=argparse.BooleanOptionalAction, default=True, help="half-cosine lr per epoch")
+    p.add_argument("--schedule", type=int, nargs="*", default=[120, 160], help="lr x0.1 at these epochs (--no-cos)")
+    p.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process (default 8)")
+    p.add_argument("--crop-size", type=int, default=224, help="side of the random resized crops (default 224)")
+    p.add_argument("--seed", type=int, default=0, help="seed; process r uses seed + r (default 0)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="default: CUDA if available")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 + channels_last on CUDA")
+    p.add_argument("--output-dir", default=f"runs/{METHOD}", help=f"checkpoints and log.jsonl (default runs/{METHOD})")
+    p.add_argument("--resume", nargs="?", const="latest", help="checkpoint path; alone: the latest in --output-dir")
+    p.add_argument("--save-freq", type=int, default=10, help="keep checkpoint_<epoch>.pth every N epochs (default 10)")
+    p.add_argument("-p", "--print-freq", type=int, default=10, help="progress line every N steps (default 10)")
+    # MoCo v2
+    p.add_argument("--moco-dim", type=int, default=128, help="feature dimension C (default 128)")
+    p.add_argument("--moco-k", type=int, default=65536, help="queue size K, a multiple of --batch-size (default 65536)")
+    p.add_argument("--moco-m", type=float, default=0.999, help="key encoder momentum (default 0.999)")
+    p.add_argument("--moco-t", type=float, default=0.2, help="softmax temperature (default 0.2)")
+    p.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=True, help="2-layer MLP head (MoCo v2)")
+    return p
+
+
+class MoCo(nn.Module):
+    """A query encoder, a momentum key encoder and a queue of K keys (MoCo, Sec. 3.2 and Algorithm 1).
+
+    N = per-process batch, C = feature dimension, K = queue size, W = number of processes.
+    """
+
+    def __init__(
+        self, arch: str = "resnet50", dim: int = 128, K: int = 65536, m: float = 0.999, T: float = 0.2, mlp: bool = True
+    ):
+        super().__init__()
+        self.K, self.m, self.T = K, m, T
+        # torchvision ResNets whose fc maps the pooled features to C; MoCo v2 puts a hidden layer in front:
+        # fc = Linear(d, d), ReLU, Linear(d, C), no BatchNorm (keys fc.0.* and fc.2.*).
+        self.encoder_q = torchvision.models.get_model(arch, num_classes=dim)
+        self.encoder_k = torchvision.models.get_model(arch, num_classes=dim)
+        if mlp:
+            d = self.encoder_q.fc.in_features
+            self.encoder_q.fc = nn.Sequential(nn.Linear(d, d), nn.ReLU(), self.encoder_q.fc)
+            self.encoder_k.fc = nn.Sequential(nn.Linear(d, d), nn.ReLU(), self.encoder_k.fc)
+        for p_q, p_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            p_k.data.copy_(p_q.data)  # same start; the key encoder is never trained by gradients
+            p_k.requires_grad = False
+        # The queue of keys, C x K, columns unit vectors; ptr is where the next batch of keys is written.
+        # Buffers, so both live in state_dict and come back on resume.
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self):
+        """theta_k <- m * theta_k + (1 - m) * theta_q, parameters only (Eq. 2)."""
+        for p_q, p_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            p_k.mul_(self.m).add_(p_q.detach(), alpha=1.0 - self.m)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys):
+        """Write the keys of all processes (W*N x C, rank order) over the oldest ones; ptr advances mod K."""
+        keys = dist.concat_all_gather(keys)  # WN x C
+        B = keys.shape[0]
+        assert self.K % B == 0, "queue size must be a multiple of the global batch"  # checked in main() too
+        # Positions ptr, ..., ptr+B-1 (mod K), computed on the device: no host sync for the pointer.
+        idx = (self.queue_ptr + torch.arange(B, device=keys.device)) % self.K
+        self.queue.index_copy_(1, idx, keys.T.to(self.queue.dtype))
+        self.queue_ptr.add_(B).remainder_(self.K)
+
+    @torch.no_grad()
+    def _batch_shuffle_ddp(self, x):
+        """Shuffle-BN (Sec. 3.3): give each process a random slice of the global key batch, so the key
+        encoder's BatchNorm statistics do not come from the same images as the queries'. Returns this
+        process's shuffled slice (N x ...) and the permutation that undoes it (WN)."""
+        x_all = dist.concat_all_gather(x)  # WN x 3 x H x W
+        idx_shuffle = torch.randperm(x_all.shape[0]).to(x.device)
+        dist.broadcast(idx_shuffle, src=0)  # one permutation for all processes: rank 0's
+        idx_unshuffle = torch.argsort(idx_shuffle)
+        idx_this = idx_shuffle.view(dist.world_size(), -1)[dist.rank()]  # N
+        return x_all[idx_this], idx_unshuffle
+
+    @torch.no_grad()
+    def _batch_unshuffle_ddp(self, x, idx_unshuffle):
+        """Undo _batch_shuffle_ddp on the keys: this process gets back its own images' keys, in order."""
+        x_all = dist.concat_all_gather(x)  # WN x C
+        idx_this = idx_unshuffle.view(dist.world_size(), -1)[dist.rank()]  # N
+        return x_all[idx_this]
+
+    def forward(self, im_q, im_k):
+        """im_q, im_k: two views of the same N images. Returns logits N x (1+K) (positive in column 0) and
+        labels N (zeros). Side effects: the momentum update before the keys, the enqueue after the logits."""
+        q = F.normalize(self.encoder_q(im_q).float(), dim=1)  # queries: N x C
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+            im_k, idx_unshuffle = self._batch_shuffle_ddp(im_k)
+            k = F.normalize(self.encoder_k(im_k).float(), dim=1)  # keys: N x C
+            k = self._batch_unshuffle_ddp(k, idx_unshuffle)
+        with torch.autocast(q.device.type, enabled=False):  # logits in fp32, also under bf16 autocast
+            l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # positive logits: N x 1
+            l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())  # negative logits: N x K
+            logits = torch.cat([l_pos, l_neg], dim=1) / self.T  # N x (1+K)
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # the positive is class 0
+        self._dequeue_and_enqueue(k)
+        return logits, labels
+
+
+def adjust_learning_rate(optimizer, epoch: int, args) -> float:
+    """Set once per epoch: half-cosine from args.lr to 0 (MoCo v2), or x0.1 at each --schedule milestone."""
+    if args.cos:
+        lr = args.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
+    else:
+        lr = args.lr * 0.1 ** sum(epoch >= m for m in args.schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def train_one_epoch(model, loader, optimizer, epoch: int, args, device) -> dict:
+    model.train()
+    progress = Progress(epoch, len(loader), args.batch_size, args.print_freq)
+    fmt = torch.channels_last if args.amp and device.type == "cuda" else torch.contiguous_format
+    for i, (images, _) in enumerate(loader):
+        progress.data_loaded()
+        im_q, im_k = (x.to(device, non_blocking=True, memory_format=fmt) for x in images)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+            logits, labels = model(im_q, im_k)
+        loss = F.cross_entropy(logits, labels)
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        acc1 = (logits.argmax(dim=1) == labels).float().mean() * 100
+        progress.step(i, loss=loss, acc1=acc1)
+    return progress.summary()
+
+
+def main(args):
+    # ============ setup ============
+    device = dist.init_distributed(args.device)
+    ckpt.prepare_output_dir(args.output_dir, args.resume)
+    resume_path = ckpt.resolve_resume(args.resume, args.output_dir)
+    ckpt.seed_all(args.seed + dist.rank())
+    if args.lr is None:
+        args.lr = 0.03 * args.batch_size / 256  # linear scaling rule, 0.03 at batch 256
+    if args.moco_k % args.batch_size:
+        raise UserError(f"--moco-k {args.moco_k} must be a multiple of the global --batch-size {args.batch_size}")
+    dist.print0(f"{METHOD}: {dist.world_size()} process(es) on {device}; {vars(args)}")
+
+    # ============ data ============
+    dataset = ImageFolder(os.path.join(args.data, "train"), TwoCrops(moco_v2_view(args.crop_size)))
+    loader = train_loader(dataset, args.batch_size, args.workers, args.seed, device)
+
+    # ============ model ============
+    model = MoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp).to(device)
+    if args.amp and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model_without_ddp = model
+
+    # ============ optimizer ============
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
+
+    # ============ resume ============
+    start_epoch = 0
+    if resume_path:
+        state = ckpt.load(resume_path)
+        ckpt.check_kind(state, resume_path, METHOD)
+        try:
+            model_without_ddp.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as err:
+            raise UserError(f"{resume_path} does not fit these flags: {str(err).splitlines()[0]}") from None
+        start_epoch = state["epoch"]
+        if not ckpt.restore_rng(state["rng"]):
+            dist.print0("note: the number of processes changed; RNG states not restored")
+        dist.print0(f"resumed from {resume_path} at epoch {start_epoch}")
+    model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # ============ training loop ============
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        lr = adjust_learning_rate(optimizer, epoch, args)
+        stats = train_one_epoch(model, loader, optimizer, epoch, args, device)
+        if not math.isfinite(stats["train/loss"]):
+            raise UserError(f"the loss is not finite in epoch {epoch}; stopped, last good checkpoint kept")
+        state = {
+            "format": ckpt.FORMAT,
+            "method": METHOD,
+            "arch": args.arch,
+            "epoch": epoch + 1,
+            "backbone": ckpt.backbone_of(model_without_ddp.encoder_q),
+            "model": model_without_ddp.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "args": vars(args),
+            "rng": ckpt.rng_states(),
+            "extra": {},
+        }
+        ckpt.save(state, args.output_dir, keep=(epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs)
+        log_epoch(args.output_dir, {"epoch": epoch + 1, "train/lr": lr, **stats})
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser().parse_args())

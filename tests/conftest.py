@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny generated ImageFolder, a runner for the real scripts, a one-process group."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as torch_dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from common.synthetic import make_image_folder  # noqa: E402
+
+# Settings small enough for seconds on a CPU: resnet18 on 32-px crops, global batch 16, queue 64.
+TINY = ["-a", "resnet18", "--crop-size", "32", "-b", "16", "-j", "0", "--print-freq", "4"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """4 classes x 32 train x 8 val JPEG images of 48 px."""
+    return make_image_folder(str(tmp_path_factory.mktemp("data")), classes=4, train_per_class=32, val_per_class=8)
+
+
+def run_script(script, *args, nproc=1, check=True, timeout=600):
+    """Run a top-level script as a user would: `python script ...`, or torchrun with nproc processes."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    proc = subprocess.run(
+        launcher + [os.path.join(ROOT, script), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_log(output_dir):
+    with open(os.path.join(output_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A one-process gloo group inside the test process (not through environment variables, so that the
+    scripts the tests launch do not inherit it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    torch_dist.destroy_process_group()

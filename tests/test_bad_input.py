@@ -1,0 +1,141 @@
+"""Bad input: one clear line on stderr, exit code 2, and nothing already written is lost or overwritten."""
+
+import hashlib
+import os
+import shutil
+
+import pytest
+from conftest import TINY, run_script
+
+MOCO = [*TINY, "--moco-k", 64]
+
+
+def digest(folder):
+    return {
+        f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest() for f in sorted(os.listdir(folder))
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_data, tmp_path_factory):
+    """A finished 1-epoch MoCo v2 run: checkpoint.pth and log.jsonl."""
+    out = tmp_path_factory.mktemp("finished")
+    run_script("moco_v2.py", tiny_data, *MOCO, "--epochs", 1, "--output-dir", out)
+    return out
+
+
+@pytest.fixture
+def run_dir(finished_run, tmp_path):
+    """A copy of the finished run, which each bad-input case tries to continue with --resume."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+def assert_clean_error(proc, fragment):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and fragment in last, last
+
+
+def data_copy(tiny_data, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    return root
+
+
+def test_missing_data_folder(run_dir, tmp_path):
+    before = digest(run_dir)
+    proc = run_script(
+        "moco_v2.py", tmp_path / "nowhere", *MOCO, "--epochs", 2, "--output-dir", run_dir, "--resume", check=False
+    )
+    assert_clean_error(proc, "does not exist")
+    assert digest(run_dir) == before
+
+
+def test_empty_class_folder(tiny_data, run_dir, tmp_path):
+    root = data_copy(tiny_data, tmp_path)
+    os.makedirs(root / "train" / "zzz_empty")
+    before = digest(run_dir)
+    proc = run_script("moco_v2.py", root, *MOCO, "--epochs", 2, "--output-dir", run_dir, "--resume", check=False)
+    assert_clean_error(proc, "zzz_empty holds no images")
+    assert digest(run_dir) == before
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_image(tiny_data, run_dir, tmp_path, workers):
+    root = data_copy(tiny_data, tmp_path)
+    for cls in os.listdir(root / "train"):
+        (root / "train" / cls / "broken.JPEG").write_bytes(b"this is not a JPEG file")
+    before = digest(run_dir)
+    proc = run_script(
+        "moco_v2.py", root, *MOCO, "-j", workers, "--epochs", 2, "--output-dir", run_dir, "--resume", check=False
+    )
+    assert_clean_error(proc, "broken.JPEG")
+    assert digest(run_dir) == before
+
+
+def test_fresh_run_refuses_to_overwrite(tiny_data, run_dir):
+    before = digest(run_dir)
+    proc = run_script("moco_v2.py", tiny_data, *MOCO, "--epochs", 1, "--output-dir", run_dir, check=False)
+    assert_clean_error(proc, "already holds a run")
+    assert digest(run_dir) == before
+
+
+def test_resume_from_missing_file(tiny_data, run_dir):
+    proc = run_script(
+        "moco_v2.py", tiny_data, *MOCO, "--output-dir", run_dir, "--resume", run_dir / "nope.pth", check=False
+    )
+    assert_clean_error(proc, "no such file")
+
+
+def test_lincls_rejects_wrong_checkpoints(tiny_data, finished_run, tmp_path):
+    lin = tmp_path / "lin"
+    run_script(
+        "lincls.py",
+        tiny_data,
+        *TINY,
+        "--epochs",
+        1,
+        "--pretrained",
+        finished_run / "checkpoint.pth",
+        "--output-dir",
+        lin,
+    )
+    cases = [
+        (lin / "checkpoint.pth", "is a lincls checkpoint, not a pretraining one"),
+        (finished_run / "log.jsonl", "cannot read checkpoint"),
+        (tmp_path / "missing.pth", "no such file"),
+    ]
+    for path, fragment in cases:
+        proc = run_script(
+            "lincls.py", tiny_data, *TINY, "--pretrained", path, "--output-dir", tmp_path / "x", check=False
+        )
+        assert_clean_error(proc, fragment)
+    # a trunk of another architecture
+    proc = run_script(
+        "lincls.py",
+        tiny_data,
+        *TINY,
+        "-a",
+        "resnet34",
+        "--pretrained",
+        finished_run / "checkpoint.pth",
+        "--output-dir",
+        tmp_path / "y",
+        check=False,
+    )
+    assert_clean_error(proc, "does not hold a resnet34 trunk")
+    # a pretraining checkpoint given to --resume
+    proc = run_script(
+        "lincls.py",
+        tiny_data,
+        *TINY,
+        "--resume",
+        finished_run / "checkpoint.pth",
+        "--output-dir",
+        tmp_path / "z",
+        check=False,
+    )
+    assert_clean_error(proc, "is not a lincls checkpoint")

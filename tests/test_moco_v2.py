@@ -1,0 +1,150 @@
+"""MoCo v2: queue, momentum update, shuffle-BN, end-to-end runs, exact resume, linear evaluation."""
+
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from conftest import TINY, load_ckpt, read_log, run_script
+
+from moco_v2 import MoCo
+
+CKPT_KEYS = {"format", "method", "arch", "epoch", "backbone", "model", "optimizer", "args", "rng", "extra"}
+
+
+def tiny_moco(K=12, dim=8, m=0.99):
+    torch.manual_seed(0)
+    return MoCo("resnet18", dim=dim, K=K, m=m, T=0.2, mlp=True)
+
+
+def test_enqueue_and_wrap_around(process_group):
+    model = tiny_moco(K=12, dim=8)
+    batches = [F.normalize(torch.randn(4, 8), dim=1) for _ in range(4)]
+    for i, keys in enumerate(batches[:3]):
+        model._dequeue_and_enqueue(keys)
+        assert int(model.queue_ptr) == (4 * (i + 1)) % 12
+        assert torch.equal(model.queue[:, 4 * i : 4 * i + 4], keys.T)
+    old = model.queue.clone()
+    model._dequeue_and_enqueue(batches[3])  # wraps: overwrites the oldest batch, columns 0..3
+    assert int(model.queue_ptr) == 4
+    assert torch.equal(model.queue[:, :4], batches[3].T)
+    assert torch.equal(model.queue[:, 4:], old[:, 4:])
+
+
+def test_momentum_update_moves_only_key_parameters(process_group):
+    model = tiny_moco(m=0.9)
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            p.add_(torch.randn_like(p))
+    q = [p.clone() for p in model.encoder_q.parameters()]
+    k = [p.clone() for p in model.encoder_k.parameters()]
+    k_buffers = [b.clone() for b in model.encoder_k.buffers()]
+    model._momentum_update_key_encoder()
+    for pq, pk, new in zip(q, k, model.encoder_k.parameters()):
+        torch.testing.assert_close(new, 0.9 * pk + 0.1 * pq)
+        assert not new.requires_grad
+    for p, old in zip(model.encoder_q.parameters(), q):
+        assert torch.equal(p, old)
+    for b, old in zip(model.encoder_k.buffers(), k_buffers):
+        assert torch.equal(b, old)
+
+
+def test_shuffle_unshuffle_is_identity_and_keys_match(process_group):
+    model = tiny_moco().train()
+    x = torch.randn(8, 3, 32, 32)
+    x_shuffled, idx_unshuffle = model._batch_shuffle_ddp(x)
+    assert not torch.equal(x_shuffled, x)  # a permutation of 8 leaves them in order with prob 1/8!
+    assert torch.equal(model._batch_unshuffle_ddp(x_shuffled, idx_unshuffle), x)
+    # Train-mode BatchNorm over one process's batch is permutation invariant: the keys computed through the
+    # shuffle equal the keys of the unshuffled batch.
+    with torch.no_grad():
+        k = model._batch_unshuffle_ddp(model.encoder_k(x_shuffled), idx_unshuffle)
+        torch.testing.assert_close(k, model.encoder_k(x), atol=1e-5, rtol=1e-4)
+
+
+def test_forward_logits_labels(process_group):
+    model = tiny_moco(K=12)
+    im_q, im_k = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    queue_before = model.queue.clone()
+    logits, labels = model(im_q, im_k)
+    assert logits.shape == (4, 13) and torch.equal(labels, torch.zeros(4, dtype=torch.long))
+    # Negative logits use the queue as it was before this batch was enqueued.
+    q = F.normalize(model.encoder_q(im_q), dim=1)
+    torch.testing.assert_close(logits[:, 1:], q @ queue_before / 0.2, atol=1e-5, rtol=1e-4)
+    assert int(model.queue_ptr) == 4
+
+
+def test_two_processes_shuffle_and_queue(tmp_path):
+    out = tmp_path / "dist.json"
+    run_script("tests/dist_check_moco.py", out, nproc=2)
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["unshuffle_identity"] and result["keys_match_unshuffled"]
+    assert result["queue_equal_across_ranks"] and result["queue_ptr"] == [8, 8]
+    assert result["slices_mix_ranks"]
+
+
+def check_checkpoint(path, epochs, steps, K=64, batch=16):
+    state = load_ckpt(path)
+    assert set(state) == CKPT_KEYS and state["method"] == "moco_v2" and state["epoch"] == epochs
+    trunk = torchvision.models.resnet18()
+    missing, unexpected = trunk.load_state_dict(state["backbone"], strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    assert int(state["model"]["queue_ptr"]) == (epochs * steps * batch) % K
+    for k, v in state["backbone"].items():
+        assert torch.equal(v, state["model"]["encoder_q." + k])
+    return state
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_end_to_end_and_lincls(tiny_data, tmp_path, nproc):
+    out = tmp_path / "moco"
+    run_script("moco_v2.py", tiny_data, *TINY, "--epochs", 2, "--moco-k", 64, "--output-dir", out, nproc=nproc)
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) and r["train/loss"] > 0 for r in log)
+    check_checkpoint(out / "checkpoint.pth", epochs=2, steps=128 // 16)
+
+    lin = tmp_path / "lincls"
+    run_script(
+        "lincls.py",
+        tiny_data,
+        *TINY,
+        "--epochs",
+        1,
+        "--pretrained",
+        out / "checkpoint.pth",
+        "--output-dir",
+        lin,
+        nproc=nproc,
+    )
+    rec = read_log(lin)[-1]
+    assert 0 <= rec["val/acc1"] <= 100 and rec["val/acc5"] >= rec["val/acc1"]
+    trunk = load_ckpt(lin / "checkpoint.pth")["backbone"]
+    pretrained = load_ckpt(out / "checkpoint.pth")["backbone"]
+    assert all(torch.equal(trunk[k], v) for k, v in pretrained.items())  # frozen, BN statistics included
+
+
+def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = [tiny_data, *TINY, "-j", 1, "--epochs", 2, "--moco-k", 64, "--save-freq", 1]
+    run_script("moco_v2.py", *args, "--output-dir", full)
+    os.makedirs(resumed)
+    shutil.copy(full / "checkpoint_0001.pth", resumed / "epoch1.pth")  # the run as it was after epoch 1
+    run_script("moco_v2.py", *args, "--output-dir", resumed, "--resume", resumed / "epoch1.pth")
+    a, b = load_ckpt(full / "checkpoint.pth"), load_ckpt(resumed / "checkpoint.pth")
+    assert b["epoch"] == 2
+    for k, v in a["model"].items():  # both encoders, the queue and its pointer
+        assert torch.equal(v, b["model"][k]), k
+    for s_a, s_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(s_a["momentum_buffer"], s_b["momentum_buffer"])
+    assert read_log(full)[-1]["train/loss"] == read_log(resumed)[-1]["train/loss"]
+
+
+def test_queue_not_multiple_of_batch_is_an_error(tiny_data, tmp_path):
+    proc = run_script("moco_v2.py", tiny_data, *TINY, "--moco-k", 60, "--output-dir", tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: --moco-k 60 must be a multiple of the global --batch-size 16"
