@@ -44,7 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--wd", type=float, default=None, help="weight decay (default: the recipe's, 0 or 1e-6)")
     p.add_argument("--cos", action=argparse.BooleanOptionalAction, default=None, help="cosine lr (default: recipe)")
-    p.add_argument("--schedule", type=int, nargs="*", default=[60, 80], help="lr x0.1 at these epochs (--no-cos)")
+    p.add_argument("--schedule", type=int, nargs="*", default=[60, 80], help="lr x--gamma at these epochs (--no-cos)")
+    p.add_argument("--gamma", type=float, default=0.1, help="lr factor at each --schedule epoch (default 0.1)")
     p.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process (default 8)")
     p.add_argument("--crop-size", type=int, default=224, help="side of the training and validation crops")
     p.add_argument("--seed", type=int, default=0, help="seed; process r uses seed + r (default 0)")
@@ -100,14 +101,14 @@ def load_pretrained(path: str, arch: str) -> dict:
 
 
 def adjust_learning_rate(optimizer, epoch: int, args) -> float:
-    """Set once per epoch: cosine from args.lr to 0 (SwAV recipe), or x0.1 at each --schedule milestone (MoCo)."""
+    """Set once per epoch: cosine from args.lr to 0 (SwAV recipe), or x--gamma at each --schedule milestone (MoCo)."""
     if args.cos:
-        lr = args.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
+        scale = 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
     else:
-        lr = args.lr * 0.1 ** sum(epoch >= m for m in args.schedule)
+        scale = args.gamma ** sum(epoch >= m for m in args.schedule)
     for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
+        group["lr"] = args.lr * scale
+    return args.lr * scale
 
 
 def train_one_epoch(model, loader, optimizer, epoch: int, args, device) -> dict:

@@ -64,7 +64,13 @@ class MoCo(nn.Module):
     """
 
     def __init__(
-        self, arch: str = "resnet50", dim: int = 128, K: int = 65536, m: float = 0.999, T: float = 0.2, mlp: bool = True
+        self,
+        arch: str = "resnet50",
+        dim: int = 128,
+        K: int = 65536,
+        m: float = 0.999,
+        T: float = 0.2,
+        mlp: bool = True,
     ):
         super().__init__()
         self.K, self.m, self.T = K, m, T
@@ -120,19 +126,27 @@ class MoCo(nn.Module):
         idx_this = idx_unshuffle.view(dist.world_size(), -1)[dist.rank()]  # N
         return x_all[idx_this]
 
+    @torch.no_grad()
+    def keys(self, im_k):
+        """The momentum update (once per step), then the keys of the key views im_k through shuffle-BN: N x C."""
+        self._momentum_update_key_encoder()
+        im_k, idx_unshuffle = self._batch_shuffle_ddp(im_k)
+        k = F.normalize(self.encoder_k(im_k).float(), dim=1)  # keys: N x C
+        return self._batch_unshuffle_ddp(k, idx_unshuffle)
+
+    def contrast(self, q, k):
+        """q, k: N x C unit vectors. Returns logits N x (1+K): q against its positive k (column 0) and the queue."""
+        with torch.autocast(q.device.type, enabled=False):  # logits in fp32, also under bf16 autocast
+            l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # positive logits: N x 1
+            l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())  # negative logits: N x K
+            return torch.cat([l_pos, l_neg], dim=1) / self.T  # N x (1+K)
+
     def forward(self, im_q, im_k):
         """im_q, im_k: two views of the same N images. Returns logits N x (1+K) (positive in column 0) and
         labels N (zeros). Side effects: the momentum update before the keys, the enqueue after the logits."""
         q = F.normalize(self.encoder_q(im_q).float(), dim=1)  # queries: N x C
-        with torch.no_grad():
-            self._momentum_update_key_encoder()
-            im_k, idx_unshuffle = self._batch_shuffle_ddp(im_k)
-            k = F.normalize(self.encoder_k(im_k).float(), dim=1)  # keys: N x C
-            k = self._batch_unshuffle_ddp(k, idx_unshuffle)
-        with torch.autocast(q.device.type, enabled=False):  # logits in fp32, also under bf16 autocast
-            l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # positive logits: N x 1
-            l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())  # negative logits: N x K
-            logits = torch.cat([l_pos, l_neg], dim=1) / self.T  # N x (1+K)
+        k = self.keys(im_k)  # keys: N x C, no gradient
+        logits = self.contrast(q, k)  # N x (1+K)
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # the positive is class 0
         self._dequeue_and_enqueue(k)
         return logits, labels

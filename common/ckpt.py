@@ -49,21 +49,23 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     return resume
 
 
-def save(state: dict, output_dir: str, keep: bool) -> str:
+def save(state: dict, output_dir: str, keep: bool, latest_only: tuple = ()) -> str:
     """Rank 0 writes OUTPUT_DIR/checkpoint.pth atomically (temp file, then rename); with `keep`, also
-    checkpoint_<epoch>.pth. Other ranks do nothing."""
+    checkpoint_<epoch>.pth, without the `extra` entries named in `latest_only` (large state that only the latest
+    checkpoint needs, such as a memory bank). Other ranks do nothing."""
     if not dist.is_main():
         return ""
     path = os.path.join(output_dir, LATEST)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    _atomic_save(state, path)
     if keep:
-        kept = os.path.join(output_dir, f"checkpoint_{state['epoch']:04d}.pth")
-        tmp = kept + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, kept)
+        extra = {k: v for k, v in state["extra"].items() if k not in latest_only}
+        _atomic_save({**state, "extra": extra}, os.path.join(output_dir, f"checkpoint_{state['epoch']:04d}.pth"))
     return path
+
+
+def _atomic_save(obj, path: str) -> None:
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def load(path: str) -> dict:
