@@ -1,0 +1,226 @@
+"""HEXA-DCluster: the attack on the large crops (budget, loss raised, no side effects), the cut-mixed views' mixed
+target against a loss computed by hand, the reduction to DeepCluster-v2 at zero weights, end-to-end runs with
+linear evaluation, and the diff against deepcluster_v2.py."""
+
+import copy
+import difflib
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from conftest import ROOT, load_ckpt, read_log, run_script
+from test_deepcluster_v2 import CKPT_KEYS, DC_TINY
+from torch.nn.parallel import DistributedDataParallel
+
+import deepcluster_v2
+import hexa_dcluster
+from common.views import MEAN, STD
+from hexa_dcluster import adversarial_view, cutmix, deepcluster_loss
+
+DIFF_BUDGET = 130  # changed lines (difflib) of hexa_dcluster.py against deepcluster_v2.py; measured 119 at landing
+MEAN_, STD_ = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+HEADS, N, B = [5, 7], 24, 4  # clusters per head, dataset size, per-process batch
+
+
+def tiny_model(module=hexa_dcluster):
+    """resnet18 with a small head and two heads of unit-row prototypes (as k-means leaves them)."""
+    torch.manual_seed(0)
+    model = module.DeepClusterV2("resnet18", feat_dim=8, hidden_mlp=16, nmb_prototypes=HEADS).train()
+    with torch.no_grad():
+        for head in model.prototypes:
+            head.weight.copy_(F.normalize(torch.randn_like(head.weight), dim=1))
+    return model
+
+
+def images(n=B, size=32, seed=1):
+    """Normalised crops of random pixels in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 3, size, size, generator=g) - MEAN_) / STD_
+
+
+def crops(seed):
+    """2 large (32 px) and 2 small (16 px) crops of B images, as the loader yields them."""
+    return [images(B, 32, seed), images(B, 32, seed + 1), images(B, 16, seed + 2), images(B, 16, seed + 3)]
+
+
+def assignments_with_unseen():
+    g = torch.Generator().manual_seed(3)
+    a = torch.stack([torch.randint(k, (N,), generator=g) for k in HEADS])  # H x N
+    a[0, 1] = a[1, 2] = a[0, 6] = -100  # images no process held
+    return a
+
+
+def snapshot(model):
+    return {name: t.clone() for name, t in model.state_dict().items()}  # parameters, BN buffers, prototypes
+
+
+@pytest.mark.parametrize("eps,step,steps,random_start", [(2, 2, 1, False), (8, 2, 3, True)])
+def test_attack_budget_loss_and_no_side_effects(eps, step, steps, random_start):
+    model = tiny_model()
+    large = torch.cat(crops(seed=1)[:2])  # V0*b x 3 x 32 x 32
+    assignments = assignments_with_unseen()
+    targets = assignments[:, torch.arange(B)]  # H x b
+    memory = (torch.arange(2 * B), F.normalize(torch.randn(2, 2 * B, 8), dim=2))
+
+    def loss_fn(x):  # as train_one_epoch: the DeepCluster loss of the large crops against their clusters
+        return deepcluster_loss(model(x)[1], targets, 0.1)
+
+    with torch.no_grad():
+        clean_loss = loss_fn(large)
+    before, kept = snapshot(model), [t.clone() for t in (assignments, *memory)]
+    im_adv = adversarial_view(model, loss_fn, large, eps / 255, step / 255, steps, random_start)
+
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before), "the attack changed the model"
+    assert all(torch.equal(a, b) for a, b in zip(kept, (assignments, *memory))), "memory or assignments changed"
+    assert all(p.grad is None for p in model.parameters()), "the attack left parameter gradients"
+    assert not im_adv.requires_grad and im_adv.shape == large.shape
+    x0, x = large * STD_ + MEAN_, im_adv * STD_ + MEAN_  # pixels
+    assert (x - x0).abs().max() <= eps / 255 + 1e-6 and (x - x0).abs().max() >= eps / 255 / 2
+    assert x.min() >= -1e-6 and x.max() <= 1 + 1e-6
+    with torch.no_grad():
+        adv_loss = loss_fn(im_adv)
+    assert adv_loss > clean_loss, (float(clean_loss), float(adv_loss))
+
+
+class Loader(list):
+    """What train_one_epoch reads of a DataLoader: iteration over (ids, crops), len and the per-process batch."""
+
+    batch_size = B
+
+
+def run_epoch(module, model, loader, flags, assignments):
+    args = module.get_args_parser().parse_args(
+        ["DATA", "-b", str(B), "--print-freq", "100", "--nmb-crops", "2", "2", "--size-crops", "32", "16"]
+        + ["--nmb-prototypes", *map(str, HEADS), "--feat-dim", "8", *flags]
+    )
+    optimizer = module.LARS([p for p in model.parameters() if p.requires_grad], 0.1, 0.9, 1e-6)
+    memory = (torch.zeros(len(loader) * B, dtype=torch.long), torch.zeros(2, len(loader) * B, 8))
+    torch.manual_seed(5)  # for HEXA, the CutMix draws
+    stats = module.train_one_epoch(
+        model, loader, optimizer, np.full(10, 0.1), memory, assignments, 0, args, torch.device("cpu")
+    )
+    return stats, memory
+
+
+def test_zero_weights_is_deepcluster_v2(process_group):
+    loader = Loader((torch.arange(i * B, (i + 1) * B), crops(seed=10 * i)) for i in range(3))
+    assignments = assignments_with_unseen()
+    base = DistributedDataParallel(tiny_model(deepcluster_v2))
+    hexa = DistributedDataParallel(tiny_model(hexa_dcluster))
+    stats_base, memory_base = run_epoch(deepcluster_v2, base, loader, [], assignments)
+    stats_hexa, memory_hexa = run_epoch(
+        hexa_dcluster, hexa, loader, ["--adv-weight", "0", "--mix-weight", "0"], assignments
+    )
+    assert stats_hexa["train/loss"] == stats_base["train/loss"]
+    assert not any(key.startswith("train/hexa/") for key in stats_hexa)
+    a, b = base.module.state_dict(), hexa.module.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    assert all(torch.equal(x, y) for x, y in zip(memory_base, memory_hexa))
+    # and with the default weights the hard views do enter the loss; the prototypes and assignments stay as they were
+    hexa = DistributedDataParallel(tiny_model(hexa_dcluster))
+    prototypes, kept = [h.weight.clone() for h in hexa.module.prototypes], assignments.clone()
+    stats, memory = run_epoch(hexa_dcluster, hexa, loader, [], assignments)
+    assert stats["train/loss"] > stats_base["train/loss"] and stats["train/hexa/adv_loss"] > 0
+    assert stats["train/hexa/mix_loss"] > 0 and torch.equal(assignments, kept)
+    assert all(torch.equal(h.weight, p) for h, p in zip(hexa.module.prototypes, prototypes))
+    assert torch.equal(memory[0], memory_base[0])  # the bank holds the same images, one row per clean crop
+
+
+def test_cut_mixed_loss_and_memory_by_hand(process_group):
+    """One step with cut-mixed views only: the logged losses equal the cross-entropies computed row by row, the
+    mixed crops are the images' own large crops with one box pasted from a partner image (the same box and partner
+    for both large crops), and the memory receives the clean large crops' embeddings of that forward."""
+    crop_list, ids = crops(seed=7), torch.tensor([0, 1, 2, 6])  # images 1 and 6 are unseen in some head
+    assignments = assignments_with_unseen()
+    hexa = DistributedDataParallel(tiny_model())
+    fresh = copy.deepcopy(hexa.module)  # the model before the step
+    stats, memory = run_epoch(hexa_dcluster, hexa, Loader([(ids, crop_list)]), ["--adv-weight", "0"], assignments)
+    assert "train/hexa/adv_loss" not in stats
+
+    torch.manual_seed(5)  # the same draw as in the step
+    mixed, partner, lam = cutmix(torch.cat(crop_list[:2], dim=1))
+    mixed = list(mixed.split(3, dim=1))  # per large crop: b x 3 x 32 x 32
+    assert (partner != torch.arange(B)).all()
+    pasted = (mixed[0] != crop_list[0]).any(dim=1)  # b x H x W
+    assert torch.equal(pasted, (mixed[1] != crop_list[1]).any(dim=1)) and (pasted == pasted[0]).all()
+    assert lam == 1 - int(pasted[0].sum()) / 32**2
+    for v in range(2):
+        torch.testing.assert_close(mixed[v][:, :, pasted[0]], crop_list[v][partner][:, :, pasted[0]], rtol=0, atol=0)
+
+    with torch.no_grad():  # the step's forward: the hard views right after the large crops, one trunk pass
+        z, scores = fresh(crop_list[:2] + [torch.cat(mixed)] + crop_list[2:])  # (4 + 2) * b rows
+    clean_rows = list(range(2 * B)) + list(range(4 * B, 6 * B))  # crop-major: crops 0, 1 | mixed 0, 1 | crops 2, 3
+    targets = assignments[:, ids]  # H x b
+    clean = deepcluster_v2.deepcluster_loss([s[clean_rows] for s in scores], targets, 0.1)
+    mix = 0.0
+    for h, s in enumerate(scores):  # by hand: mixed crop v of image i is row 2b + v*b + i
+        own = [F.cross_entropy(s[2 * B + v * B + i] / 0.1, targets[h, i]) for v in range(2) for i in range(B)
+               if targets[h, i] != -100]  # fmt: skip
+        other = [F.cross_entropy(s[2 * B + v * B + i] / 0.1, targets[h, partner[i]]) for v in range(2)
+                 for i in range(B) if targets[h, partner[i]] != -100]  # fmt: skip
+        mix = mix + lam * torch.stack(own).mean() + (1 - lam) * torch.stack(other).mean()
+    mix = mix / len(scores)
+    assert stats["train/hexa/mix_loss"] == pytest.approx(float(mix), rel=1e-5)
+    assert stats["train/loss"] == pytest.approx(float(clean + mix), rel=1e-5)
+    assert torch.equal(memory[0], ids)
+    for j in range(2):  # crops_for_assign 0 1: the clean large crops' embeddings, not the mixed ones
+        torch.testing.assert_close(memory[1][j], z[j * B : (j + 1) * B])
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_end_to_end_and_lincls(tiny_data, tmp_path, nproc):
+    out = tmp_path / "hexa"
+    run_script("hexa_dcluster.py", tiny_data, *DC_TINY, "--epochs", 2, "--output-dir", out, nproc=nproc)
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [1, 2]
+    for r in log:
+        losses = torch.tensor([r["train/loss"], r["train/hexa/adv_loss"], r["train/hexa/mix_loss"]])
+        assert torch.isfinite(losses).all() and (losses > 0).all()
+    state = load_ckpt(out / "checkpoint.pth")
+    assert set(state) == CKPT_KEYS and state["method"] == "hexa_dcluster" and state["epoch"] == 2
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(state["backbone"], strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    memory = state["extra"]["memory"]  # the clean crops only: 128 images, 2 banks of unit rows
+    assert sorted(memory["index"].tolist()) == list(range(128)) and memory["embeddings"].shape == (2, 128, 16)
+    torch.testing.assert_close(memory["embeddings"].norm(dim=2), torch.ones(2, 128))
+    if nproc == 2:  # linear evaluation once, on the two-process checkpoint
+        lin = tmp_path / "lincls"
+        lin_args = ["-a", "resnet18", "--crop-size", "32", "-b", "16", "-j", "0", "--epochs", "1"]
+        run_script("lincls.py", tiny_data, *lin_args, "--pretrained", out / "checkpoint.pth", "--output-dir", lin)
+        assert 0 <= read_log(lin)[-1]["val/acc1"] <= 100
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--adv-eps", "-1"], "must not be negative"),
+        (["-b", "1"], "--mix-weight > 0 needs at least 2 images per process; --batch-size is 1"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(tiny_data, tmp_path, flags, message):
+    proc = run_script("hexa_dcluster.py", tiny_data, *DC_TINY, *flags, "--output-dir", tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1]
+
+
+def read(name):
+    with open(os.path.join(ROOT, name)) as f:
+        return f.read().splitlines()
+
+
+def test_diff_against_deepcluster_v2_is_small_and_tagged():
+    base, variant = read("deepcluster_v2.py"), read("hexa_dcluster.py")
+    docstring_end = next(i for i, line in enumerate(variant) if i > 0 and line.endswith('"""'))
+    changed, untagged = 0, []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, base, variant, autojunk=False).get_opcodes():
+        if tag == "equal":
+            continue
+        changed += (i2 - i1) + (j2 - j1)
+        if j1 > docstring_end and not any("# HEXA:" in line for line in variant[max(j1 - 1, 0) : j2]):
+            untagged.append(f"hexa_dcluster.py:{j1 + 1}: {variant[j1] if j1 < len(variant) else ''}")
+    assert changed <= DIFF_BUDGET, f"{changed} changed lines, budget {DIFF_BUDGET}"
+    assert not untagged, "changed blocks without a `# HEXA:` tag:\n" + "\n".join(untagged)

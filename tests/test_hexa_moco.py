@@ -1,0 +1,248 @@
+"""HEXA-MoCo: the attack (budget, loss raised, no side effects, no DDP all-reduce), CutMix's exact lambda, the
+reduction to MoCo v2 at zero weights, end-to-end runs with linear evaluation, and the diff against moco_v2.py."""
+
+import ast
+import difflib
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from conftest import ROOT, TINY, load_ckpt, read_log, run_script
+from torch.nn.parallel import DistributedDataParallel
+
+import hexa_moco
+import moco_v2
+from common.views import MEAN, STD
+from hexa_moco import MoCo, adversarial_view, cutmix
+
+CKPT_KEYS = {"format", "method", "arch", "epoch", "backbone", "model", "optimizer", "args", "rng", "extra"}
+DIFF_BUDGET = 150  # changed lines (difflib) of hexa_moco.py against moco_v2.py; measured 139 at first landing
+MEAN_, STD_ = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def tiny_moco(K=32, dim=8):
+    torch.manual_seed(0)
+    return MoCo("resnet18", dim=dim, K=K, m=0.99, T=0.2, mlp=True).train()
+
+
+def images(n=8, size=32, seed=1):
+    """Normalised views of random pixels in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 3, size, size, generator=g) - MEAN_) / STD_
+
+
+def moco_loss(model, k):
+    """The loss train_one_epoch attacks: the queries' MoCo loss against their own keys and the queue."""
+    zeros = torch.zeros(k.shape[0], dtype=torch.long)
+    return lambda x: F.cross_entropy(model.contrast(F.normalize(model.encoder_q(x).float(), dim=1), k), zeros)
+
+
+def snapshot(model):
+    return {name: t.clone() for name, t in model.state_dict().items()}  # parameters and every buffer
+
+
+@pytest.mark.parametrize("eps,step,steps,random_start", [(2, 2, 1, False), (8, 2, 3, True)])
+def test_attack_budget_loss_and_no_side_effects(process_group, eps, step, steps, random_start):
+    model = tiny_moco()
+    im_q, im_k = images(seed=1), images(seed=2)
+    k = model.keys(im_k)  # the step's keys, as in train_one_epoch: before the attack
+    loss_fn = moco_loss(model, k)
+    with torch.no_grad():
+        clean_loss = loss_fn(im_q)
+    before = snapshot(model)  # both encoders, BN running statistics, num_batches_tracked, the queue and pointer
+    im_adv = adversarial_view(model.encoder_q, loss_fn, im_q, eps / 255, step / 255, steps, random_start)
+
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before), "the attack changed the model"
+    assert all(p.grad is None for p in model.parameters()), "the attack left parameter gradients"
+    assert not im_adv.requires_grad and im_adv.shape == im_q.shape
+    x0, x = im_q * STD_ + MEAN_, im_adv * STD_ + MEAN_  # pixels
+    assert (x - x0).abs().max() <= eps / 255 + 1e-6 and (x - x0).abs().max() >= eps / 255 / 2
+    assert x.min() >= -1e-6 and x.max() <= 1 + 1e-6
+    with torch.no_grad():
+        adv_loss = loss_fn(im_adv)
+    assert adv_loss > clean_loss, (float(clean_loss), float(adv_loss))
+
+
+def test_attack_restores_bn_statistics_it_would_have_changed(process_group):
+    model = tiny_moco()
+    bn = model.encoder_q.bn1
+    mean, tracked = bn.running_mean.clone(), bn.num_batches_tracked.clone()
+    im_q, k = images(), model.keys(images(seed=2))
+    adversarial_view(model.encoder_q, moco_loss(model, k), im_q, 2 / 255, 2 / 255, 1)
+    assert torch.equal(bn.running_mean, mean) and torch.equal(bn.num_batches_tracked, tracked)
+    model.encoder_q(im_q)  # whereas a train-mode forward does move them
+    assert not torch.equal(bn.running_mean, mean) and int(bn.num_batches_tracked) == int(tracked) + 1
+
+
+@pytest.mark.parametrize("h,w", [(32, 32), (24, 40)])
+def test_cutmix_lambda_is_the_exact_own_area(h, w):
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, h, w)  # continuous values: a pixel equals the partner's only where it was pasted
+    lams = []
+    for _ in range(50):
+        mixed, partner, lam = cutmix(x)
+        assert sorted(partner.tolist()) == list(range(6)) and (partner != torch.arange(6)).all()
+        pasted = (mixed != x).any(dim=1)  # N x H x W
+        assert torch.equal(mixed[:, :, pasted[0]], x[partner][:, :, pasted[0]])
+        assert (pasted == pasted[0]).all(), "one box for the whole batch"
+        rows, cols = pasted[0].any(1).nonzero(), pasted[0].any(0).nonzero()
+        if len(rows):  # the pasted pixels form one rectangle
+            assert pasted[0].sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert lam == 1 - int(pasted[0].sum()) / (h * w)  # exact, no tolerance
+        assert torch.equal(mixed[~pasted.unsqueeze(1).expand_as(x)], x[~pasted.unsqueeze(1).expand_as(x)])
+        lams.append(lam)
+    assert min(lams) < 0.5 < max(lams) <= 1.0
+
+
+def run_epoch(module, model, loader, flags):
+    args = module.get_args_parser().parse_args(["DATA", "-b", "4", "--print-freq", "100", *flags])
+    args.lr = 0.03
+    optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=0.9, weight_decay=1e-4)
+    torch.manual_seed(5)  # shuffle-BN's permutation and, for HEXA, the CutMix draws
+    return module.train_one_epoch(model, loader, optimizer, 0, args, torch.device("cpu"))
+
+
+def test_zero_weights_is_moco_v2(process_group):
+    loader = [([images(4, seed=10 + i), images(4, seed=20 + i)], None) for i in range(3)]
+    torch.manual_seed(0)
+    base = DistributedDataParallel(moco_v2.MoCo("resnet18", dim=8, K=16, m=0.99, T=0.2))
+    torch.manual_seed(0)
+    hexa = DistributedDataParallel(hexa_moco.MoCo("resnet18", dim=8, K=16, m=0.99, T=0.2))
+    stats_base = run_epoch(moco_v2, base, loader, [])
+    stats_hexa = run_epoch(hexa_moco, hexa, loader, ["--adv-weight", "0", "--mix-weight", "0"])
+    assert stats_hexa["train/loss"] == stats_base["train/loss"]
+    assert not any(key.startswith("train/hexa/") for key in stats_hexa)
+    a, b = base.module.state_dict(), hexa.module.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    # and with the default weights the hard queries do enter the loss
+    torch.manual_seed(0)
+    hexa = DistributedDataParallel(hexa_moco.MoCo("resnet18", dim=8, K=16, m=0.99, T=0.2))
+    stats = run_epoch(hexa_moco, hexa, loader, [])
+    assert stats["train/loss"] > stats_base["train/loss"] and stats["train/hexa/adv_loss"] > 0
+    assert stats["train/hexa/mix_loss"] > 0
+
+
+DIST_CHECK = """
+import json, sys
+import torch
+import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+from common import dist
+from hexa_moco import MoCo, adversarial_view, cutmix
+
+dist.init_distributed("cpu")
+torch.manual_seed(0)
+model = DistributedDataParallel(MoCo("resnet18", dim=8, K=16, m=0.99, T=0.2))
+moco = model.module
+reductions = []
+model.register_comm_hook(None, lambda state, bucket: reductions.append(1) or allreduce_hook(None, bucket))
+optimizer = torch.optim.SGD(model.parameters(), 0.1)
+torch.manual_seed(100 + dist.rank())  # different images on each process
+result = {"grad_none_after_attack": [], "reductions_after_attack": [], "grads_equal": [], "losses": []}
+for step in range(2):
+    im_q, im_k = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    k = moco.keys(im_k)
+    zeros = torch.zeros(4, dtype=torch.long)
+    loss_fn = lambda x: F.cross_entropy(moco.contrast(F.normalize(moco.encoder_q(x).float(), dim=1), k), zeros)
+    n = len(reductions)
+    im_adv = adversarial_view(moco.encoder_q, loss_fn, im_q, 2 / 255, 2 / 255, 2)
+    result["reductions_after_attack"].append(len(reductions) - n)
+    result["grad_none_after_attack"].append(all(p.grad is None for p in model.parameters()))
+    im_mix, partner, lam = cutmix(im_q)
+    logits, labels, hard = model(im_q, k, im_adv, im_mix, partner)
+    loss = F.cross_entropy(logits, labels) + F.cross_entropy(hard["adv"], labels)
+    loss = loss + lam * F.cross_entropy(hard["mix"][0], labels) + (1 - lam) * F.cross_entropy(hard["mix"][1], labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    grads = torch.cat([p.grad.flatten() for p in moco.encoder_q.parameters()])
+    result["grads_equal"].append(torch.equal(*dist.concat_all_gather(grads[None])))
+    result["losses"].append(loss.item())
+    optimizer.zero_grad(set_to_none=True)
+result["reductions"] = len(reductions)
+result["queue_ptr"] = int(moco.queue_ptr)
+result["queue_equal"] = torch.equal(*dist.concat_all_gather(moco.queue[None]))
+if dist.is_main():
+    with open(sys.argv[1], "w") as f:
+        json.dump(result, f)
+dist.cleanup()
+"""
+
+
+def test_two_processes_attack_does_not_all_reduce(tmp_path):
+    script, out = tmp_path / "dist_check_hexa.py", tmp_path / "dist.json"
+    script.write_text(DIST_CHECK)
+    run_script(script, out, nproc=2)
+    result = json.loads(out.read_text())
+    assert result["reductions_after_attack"] == [0, 0] and result["grad_none_after_attack"] == [True, True]
+    assert result["reductions"] > 0 and result["grads_equal"] == [True, True]  # the training step still syncs
+    assert result["queue_ptr"] == 2 * 8 % 16 and result["queue_equal"]  # clean keys only, once per step
+    assert all(torch.isfinite(torch.tensor(result["losses"])))
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_end_to_end_and_lincls(tiny_data, tmp_path, nproc):
+    out = tmp_path / "hexa"
+    run_script("hexa_moco.py", tiny_data, *TINY, "--epochs", 2, "--moco-k", 64, "--output-dir", out, nproc=nproc)
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [1, 2]
+    for r in log:
+        losses = torch.tensor([r["train/loss"], r["train/hexa/adv_loss"], r["train/hexa/mix_loss"]])
+        assert torch.isfinite(losses).all() and (losses > 0).all()
+    state = load_ckpt(out / "checkpoint.pth")
+    assert set(state) == CKPT_KEYS and state["method"] == "hexa_moco" and state["epoch"] == 2
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(state["backbone"], strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    assert int(state["model"]["queue_ptr"]) == (2 * 8 * 16) % 64  # one enqueue of the clean keys per step
+    if nproc == 2:  # linear evaluation once, on the two-process checkpoint
+        lin = tmp_path / "lincls"
+        args = [tiny_data, *TINY, "--epochs", 1, "--pretrained", out / "checkpoint.pth", "--output-dir", lin]
+        run_script("lincls.py", *args)
+        rec = read_log(lin)[-1]
+        assert 0 <= rec["val/acc1"] <= 100
+
+
+def test_bad_flags_are_one_line_errors(tiny_data, tmp_path):
+    proc = run_script("hexa_moco.py", tiny_data, *TINY, "--adv-eps", -1, "--output-dir", tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "must not be negative" in proc.stderr.strip().splitlines()[-1]
+
+
+def read(name):
+    with open(os.path.join(ROOT, name)) as f:
+        return f.read().splitlines()
+
+
+def test_diff_against_moco_v2_is_small_and_tagged():
+    base, variant = read("moco_v2.py"), read("hexa_moco.py")
+    docstring_end = next(i for i, line in enumerate(variant) if i > 0 and line.endswith('"""'))
+    changed, untagged = 0, []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, base, variant, autojunk=False).get_opcodes():
+        if tag == "equal":
+            continue
+        changed += (i2 - i1) + (j2 - j1)
+        if j1 > docstring_end and not any("# HEXA:" in line for line in variant[max(j1 - 1, 0) : j2]):
+            untagged.append(f"hexa_moco.py:{j1 + 1}: {variant[j1] if j1 < len(variant) else ''}")
+    assert changed <= DIFF_BUDGET, f"{changed} changed lines, budget {DIFF_BUDGET}"
+    assert not untagged, "changed blocks without a `# HEXA:` tag:\n" + "\n".join(untagged)
+
+
+def function_sources(name):
+    with open(os.path.join(ROOT, name)) as f:
+        text = f.read()
+    tree = ast.parse(text)
+    return {
+        node.name: ast.get_source_segment(text, node)
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef) and node.name in ("adversarial_view", "cutmix")
+    }
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "hexa_dcluster.py")), reason="hexa_dcluster.py not yet")
+def test_hard_example_code_reads_the_same_in_hexa_dcluster():
+    assert function_sources("hexa_dcluster.py") == function_sources("hexa_moco.py")
