@@ -1,0 +1,84 @@
+"""Label subsets for semi-supervised evaluation: a SimCLR list file, or a seeded class-balanced draw.
+
+A list file holds one training-image file name per line (`n01440764_10026.JPEG`); the class is the prefix
+before the last `_`, the image is DATA/train/<class>/<file>. The standard ImageNet lists are SimCLR's
+`imagenet_subsets/{1,10}percent.txt` (1 %: 12,811 images, 10 %: 128,116). Without a list, `balanced` draws
+floor(perc / 100 x N) images (12,811 and 128,116 of ImageNet's 1,281,167: the standard sizes), spread over the
+classes as evenly as possible, from the seed alone: the same on every process and for any number of processes.
+For one seed, a smaller draw is a subset of a larger one (as SimCLR's 1 % list is of its 10 % list).
+"""
+
+import os
+
+import torch
+
+from common import dist
+from common.cli import UserError
+
+
+def select(dataset, subset_file: str | None, perc: float, seed: int) -> None:
+    """Restrict an ImageFolder's samples, in place and in folder order, to the list in `subset_file` if given,
+    else to a seeded class-balanced draw of perc % of them."""
+    keep = from_file(dataset, subset_file) if subset_file else balanced(dataset.targets, perc, seed)
+    dataset.samples = dataset.imgs = [dataset.samples[i] for i in keep]
+    dataset.targets = [target for _, target in dataset.samples]
+
+
+def from_file(dataset, path: str) -> list[int]:
+    """Indices of the files a SimCLR-format list names, checked: every name an image of its class folder, once."""
+    if not os.path.isfile(path):
+        raise UserError(f"--subset-file {path}: no such file")
+    with open(path) as f:
+        names = [line.strip() for line in f if line.strip()]
+    if not names:
+        raise UserError(f"--subset-file {path} is empty")
+    index = {(dataset.classes[t], os.path.basename(p)): i for i, (p, t) in enumerate(dataset.samples)}
+    keep = set()
+    for n, name in enumerate(names, 1):
+        cls = name.rpartition("_")[0]
+        if cls not in dataset.class_to_idx:
+            raise UserError(f"{path} line {n}: {name} is not <class>_<id>.<ext> with a class folder of {dataset.root}")
+        i = index.get((cls, name))
+        if i is None:
+            raise UserError(f"{path} line {n}: {name} is not an image of {os.path.join(dataset.root, cls)}")
+        if i in keep:
+            raise UserError(f"{path} line {n}: {name} is listed twice")
+        keep.add(i)
+    return sorted(keep)
+
+
+def balanced(targets: list[int], perc: float, seed: int) -> list[int]:
+    """Indices of floor(perc/100 x N) samples, as evenly spread over the classes as their sizes allow.
+
+    Each class gets min(size, L) images for the largest level L that fits; the few left over go, one each, to
+    classes with images to spare, in a seeded order. Within a class, the images are taken in a seeded order.
+    """
+    n = int(perc * len(targets) // 100)
+    by_class = {}
+    for i, t in enumerate(targets):
+        by_class.setdefault(t, []).append(i)
+    classes = sorted(by_class)
+    sizes = [len(by_class[c]) for c in classes]
+    lo, hi = 0, max(sizes)  # largest level L with sum(min(size, L)) <= n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if sum(min(s, mid) for s in sizes) <= n else (lo, mid - 1)
+    quota = [min(s, lo) for s in sizes]
+    g = torch.Generator().manual_seed(seed)
+    spare = [j for j in torch.randperm(len(classes), generator=g).tolist() if sizes[j] > lo]
+    for j in spare[: n - sum(quota)]:
+        quota[j] += 1
+    keep = []
+    for j, c in enumerate(classes):
+        order = torch.randperm(sizes[j], generator=g).tolist()
+        keep += [by_class[c][k] for k in order[: quota[j]]]
+    return sorted(keep)
+
+
+def write(path: str, dataset) -> None:
+    """Rank 0 writes the file names of the dataset's samples, one a line, in the list-file format (atomically)."""
+    if not dist.is_main():
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(os.path.basename(p) + "\n" for p, _ in dataset.samples)
+    os.replace(path + ".tmp", path)
