@@ -1,8 +1,9 @@
 """A small generated ImageFolder of real JPEG files, for tests, the quick start and the learning benchmark.
 
-Each class is a kind of shape (disc, square, triangle, cross, ring, bars, ...) drawn at a random position,
-size and colour on a random, noisy background, so the class is in the shape and not in the colours or
-the position: nuisances that crops and colour jitter teach a network to ignore.
+Each class is a kind of shape (disc, square, triangle, cross, ring, bars, ...) drawn at a random position and
+size, lighter or darker than a random, noisy grey background with a faint tint. The class is in the shape, not in
+the grey levels, the position or the size: nuisances that random crops and colour jitter teach a network to
+ignore, and that a randomly initialised network does not ignore.
 
     python -m common.synthetic OUT [--classes 4] [--train-per-class 32] [--val-per-class 8] [--size 48]
 """
@@ -17,11 +18,14 @@ SHAPES = ("disc", "square", "triangle", "cross", "ring", "hbars", "vbars", "diam
 
 
 def draw(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
-    bg = rng.integers(0, 256, 3)
-    noise = rng.normal(0, 12, (size, size, 3))
-    img = Image.fromarray(np.clip(bg + noise, 0, 255).astype(np.uint8))
+    level = rng.uniform(60, 200)  # background grey level
+    bg = level + rng.normal(0, 8, 3)  # with a faint tint
+    img = Image.fromarray(np.clip(bg + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8))
     d = ImageDraw.Draw(img)
-    fg = tuple(int(c) for c in (bg + rng.choice([-1, 1], 3) * rng.integers(80, 160, 3)) % 256)
+    contrast = rng.choice([-1, 1]) * rng.uniform(50, 90)  # the shape is lighter or darker than the background
+    if not 0 <= level + contrast <= 255:
+        contrast = -contrast
+    fg = tuple(int(c) for c in np.clip(level + contrast + rng.normal(0, 8, 3), 0, 255))
     r = rng.uniform(0.22, 0.4) * size
     cx, cy = rng.uniform(r, size - r, 2)
     box = (cx - r, cy - r, cx + r, cy + r)

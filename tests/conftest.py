@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny generated ImageFolder, a runner for the real scripts, a one-process group."""
 
+import ast
+import difflib
 import json
 import os
 import socket
@@ -68,3 +70,21 @@ def process_group():
     torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield
     torch_dist.destroy_process_group()
+
+
+def diff_report(base: str, variant: str, tag: str | None = None) -> tuple[int, list[str]]:
+    """`diff base variant` as the number of changed lines (removed + added, as difflib counts them), and the
+    changed blocks of the variant that carry no `# <tag>:` comment, in them or on the line just before. Blocks
+    inside the variant's module docstring are exempt: that is where a variant lists its deltas."""
+    a = open(os.path.join(ROOT, base)).read().splitlines()
+    b = open(os.path.join(ROOT, variant)).read().splitlines()
+    module = ast.parse("\n".join(b))
+    doc_end = module.body[0].end_lineno if ast.get_docstring(module) is not None else 0  # 1-based, inclusive
+    size, untagged = 0, []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if op == "equal":
+            continue
+        size += (i2 - i1) + (j2 - j1)
+        if tag and j2 > doc_end and not any(f"# {tag}:" in line for line in b[max(j1 - 1, 0) : max(j2, j1 + 1)]):
+            untagged.append(f"{variant}:{j1 + 1}: {b[j1] if j1 < len(b) else '<end>'}")
+    return size, untagged

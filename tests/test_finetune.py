@@ -12,9 +12,9 @@ from conftest import ROOT, TINY, load_ckpt, read_log, run_script
 from common import subsets
 from common.data import ImageFolder
 
-# `diff lincls.py finetune.py | grep -c '^[<>]'`: 94 at first landing (docstring 18, flags 20, lr 13, data 4,
+# `diff lincls.py finetune.py | grep -c '^[<>]'`: 89 at first landing (docstring 18, flags 18, lr 10, data 4,
 # model/optimizer 9, the frozen-trunk check removed 17). Grow it only in a commit that says why.
-DIFF_BUDGET = 100
+DIFF_BUDGET = 92
 
 # Each pretraining script with the flags that make one epoch take seconds on the tiny data set. Scripts not in
 # the repository yet are skipped; the flags of those are guesses from their issues (check them when they land).
@@ -126,6 +126,8 @@ def pretrained(request, tiny_data, tmp_path_factory):
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_end_to_end(pretrained, tiny_data, tmp_path, nproc):
+    if nproc == 2 and load_ckpt(pretrained)["method"] != "moco_v2":
+        pytest.skip("2 processes: once, on moco_v2 (the loading code is the same for every method)")
     out = tmp_path / "ft"
     args = [tiny_data, *FT, "--epochs", 2, "--schedule", 1, "--pretrained", pretrained, "--output-dir", out]
     run_script("finetune.py", *args, nproc=nproc)

@@ -2,7 +2,6 @@
 reduction to MoCo v2 at zero weights, end-to-end runs with linear evaluation, and the diff against moco_v2.py."""
 
 import ast
-import difflib
 import json
 import os
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import ROOT, TINY, load_ckpt, read_log, run_script
+from conftest import ROOT, TINY, diff_report, load_ckpt, read_log, run_script
 from torch.nn.parallel import DistributedDataParallel
 
 import hexa_moco
@@ -19,7 +18,7 @@ from common.views import MEAN, STD
 from hexa_moco import MoCo, adversarial_view, cutmix
 
 CKPT_KEYS = {"format", "method", "arch", "epoch", "backbone", "model", "optimizer", "args", "rng", "extra"}
-DIFF_BUDGET = 150  # changed lines (difflib) of hexa_moco.py against moco_v2.py; measured 139 at first landing
+DIFF_BUDGET = 140  # changed lines of `diff moco_v2.py hexa_moco.py`: 133 at landing; grow it only with a reason
 MEAN_, STD_ = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
 
 
@@ -213,22 +212,9 @@ def test_bad_flags_are_one_line_errors(tiny_data, tmp_path):
     assert "must not be negative" in proc.stderr.strip().splitlines()[-1]
 
 
-def read(name):
-    with open(os.path.join(ROOT, name)) as f:
-        return f.read().splitlines()
-
-
 def test_diff_against_moco_v2_is_small_and_tagged():
-    base, variant = read("moco_v2.py"), read("hexa_moco.py")
-    docstring_end = next(i for i, line in enumerate(variant) if i > 0 and line.endswith('"""'))
-    changed, untagged = 0, []
-    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, base, variant, autojunk=False).get_opcodes():
-        if tag == "equal":
-            continue
-        changed += (i2 - i1) + (j2 - j1)
-        if j1 > docstring_end and not any("# HEXA:" in line for line in variant[max(j1 - 1, 0) : j2]):
-            untagged.append(f"hexa_moco.py:{j1 + 1}: {variant[j1] if j1 < len(variant) else ''}")
-    assert changed <= DIFF_BUDGET, f"{changed} changed lines, budget {DIFF_BUDGET}"
+    size, untagged = diff_report("moco_v2.py", "hexa_moco.py", "HEXA")
+    assert size <= DIFF_BUDGET, f"{size} changed lines, budget {DIFF_BUDGET}"
     assert not untagged, "changed blocks without a `# HEXA:` tag:\n" + "\n".join(untagged)
 
 

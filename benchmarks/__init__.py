@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.run` prints the tables and writes BENCHMARKS.md."""

@@ -1,0 +1,194 @@
+"""Training-step time and peak memory of one method on synthetic in-memory batches.
+
+Runs the method's own `train_one_epoch` on a loader that yields the same batch again and again, so the figure
+is the cost of the step itself: no decoding, no augmentation. benchmarks/run.py starts one process per method
+(clean peak-memory figures) and prints the table; this module prints one JSON line.
+
+    python -m benchmarks.step moco_v2 --arch resnet18 --size 96 --batch 32 --steps 5 --reps 5
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import dist  # noqa: E402
+
+
+class RepeatLoader:
+    """`steps` times the same batch; a stand-in for a DataLoader (len, iteration, batch_size)."""
+
+    def __init__(self, batch, steps, batch_size=None):
+        self.batch, self.steps, self.batch_size = batch, steps, batch_size
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        return (self.batch for _ in range(self.steps))
+
+
+def images(n, size, device):
+    return torch.randn(n, 3, size, size, device=device)
+
+
+def supervised(o, device):
+    """The yardstick: one forward-backward of the plain classifier, same arch, resolution and batch."""
+    model = torchvision.models.get_model(o.arch, num_classes=1000).to(device)
+    fmt = torch.channels_last if o.amp and device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    optimizer = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9, weight_decay=1e-4)
+    x = images(o.batch, o.size, device).to(memory_format=fmt)
+    y = torch.randint(0, 1000, (o.batch,), device=device)
+
+    def epoch(steps):
+        model.train()
+        for _ in range(steps):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=o.amp and device.type == "cuda"):
+                out = model(x)
+            loss = F.cross_entropy(out.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        float(loss.detach())  # wait for the device
+
+    return epoch
+
+
+def moco_family(name, extra):
+    """moco_v2 and its variants: the script's own MoCo class, optimizer and train_one_epoch."""
+
+    def build(o, device):
+        mod = __import__(name)
+        args = mod.get_args_parser().parse_args(
+            ["x", "-a", o.arch, "-b", str(o.batch), "--crop-size", str(o.size), "--moco-k", str(o.queue), "-p",
+             "1000000", *([] if o.amp else ["--no-amp"]), *extra]
+        )  # fmt: skip
+        args.lr = 0.03 * args.batch_size / 256
+        mochi = (args.mochi_n, args.mochi_s, args.mochi_s_prime) if name == "mochi" else ()
+        model = mod.MoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, *mochi)
+        views = [images(o.batch, o.size, "cpu") for _ in range(2)]
+        batch = (views, torch.zeros(o.batch, dtype=torch.long))
+        model, optimizer = _wrap(model, model.encoder_q.parameters(), args, device, torch.optim.SGD)
+
+        def epoch(steps):
+            with contextlib.redirect_stdout(io.StringIO()):
+                mod.train_one_epoch(model, RepeatLoader(batch, steps), optimizer, 0, args, device)
+
+        return epoch
+
+    return build
+
+
+def dcluster_family(name):
+    """deepcluster_v2 and hexa_dcluster: the script's model, LARS, schedule and train_one_epoch, with the memory
+    bank and the assignments in place (the per-epoch k-means is timed by benchmarks/kmeans.py)."""
+
+    def build(o, device):
+        mod = __import__(name)
+        small = max(16, round(o.size * 96 / 224))  # the 96-px crops, scaled with --size
+        args = mod.get_args_parser().parse_args(
+            ["x", "-a", o.arch, "-b", str(o.batch), "--size-crops", str(o.size), str(small), "-p", "1000000",
+             *([] if o.amp else ["--no-amp"])]
+        )  # fmt: skip
+        args.lr = 4.8 * args.batch_size / 4096
+        model = mod.DeepClusterV2(args.arch, args.feat_dim, args.hidden_mlp, args.nmb_prototypes)
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        views = [images(o.batch, s, "cpu") for n, s in zip(args.nmb_crops, args.size_crops) for _ in range(n)]
+        batch = (torch.arange(o.batch), views)
+        model, optimizer = _wrap(model, [p for p in model.parameters() if p.requires_grad], args, device, mod.LARS)
+        n_banks, H = len(args.crops_for_assign), len(args.nmb_prototypes)
+        assignments = torch.stack([torch.randint(k, (o.batch,)) for k in args.nmb_prototypes]).to(device)  # H x N
+
+        def epoch(steps):
+            memory = (torch.zeros(steps * o.batch, dtype=torch.long, device=device),
+                      torch.zeros(n_banks, steps * o.batch, args.feat_dim, device=device))  # fmt: skip
+            schedule = [args.lr] * steps
+            loader = RepeatLoader(batch, steps, o.batch)
+            with contextlib.redirect_stdout(io.StringIO()):
+                mod.train_one_epoch(model, loader, optimizer, schedule, memory, assignments, 0, args, device)
+
+        assert H == assignments.shape[0]
+        return epoch
+
+    return build
+
+
+def _wrap(model, params, args, device, optim):
+    """As the scripts' main(): to the device (channels_last under amp on CUDA), the optimizer, then DDP."""
+    model = model.to(device)
+    if args.amp and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = optim(params, args.lr, momentum=0.9, weight_decay=args.wd)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return ddp, optimizer
+
+
+METHODS = {
+    "supervised": supervised,
+    "moco_v2": moco_family("moco_v2", []),
+    "mochi": moco_family("mochi", ["--mix-start-epoch", "0"]),
+    "hexa_moco": moco_family("hexa_moco", []),
+    "deepcluster_v2": dcluster_family("deepcluster_v2"),
+    "hexa_dcluster": dcluster_family("hexa_dcluster"),
+}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("method", choices=sorted(METHODS))
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=32, help="per-process batch")
+    p.add_argument("--queue", type=int, default=65536, help="MoCo queue size")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed repetition")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions (after one warm-up repetition)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
+    o = p.parse_args()
+    device = dist.init_distributed(o.device)
+    torch.manual_seed(0)
+    epoch = METHODS[o.method](o, device)
+    epoch(2)  # warm-up: allocator, cuDNN autotuning, lazy initialisation
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(o.reps):
+        t = time.perf_counter()
+        epoch(o.steps)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) / o.steps)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:  # the process's peak resident memory (includes the Python and torch baseline)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(
+        json.dumps(
+            {
+                "method": o.method,
+                "step_s": statistics.median(times),
+                "min_s": min(times),
+                "max_s": max(times),
+                "img_s": o.batch / statistics.median(times),
+                "peak_gib": peak,
+            }
+        )
+    )
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    main()
