@@ -88,3 +88,15 @@ def diff_report(base: str, variant: str, tag: str | None = None) -> tuple[int, l
         if tag and j2 > doc_end and not any(f"# {tag}:" in line for line in b[max(j1 - 1, 0) : max(j2, j1 + 1)]):
             untagged.append(f"{variant}:{j1 + 1}: {b[j1] if j1 < len(b) else '<end>'}")
     return size, untagged
+
+
+def assert_within_budget(clean, adversarial, eps_255):
+    """An attack's output, both normalised: within the L-inf budget eps/255 of the clean pixels (and using a fair
+    part of it), inside [0, 1], detached."""
+    from common.views import MEAN, STD
+
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    x0, x = clean * std + mean, adversarial * std + mean  # pixels
+    assert not adversarial.requires_grad and adversarial.shape == clean.shape
+    assert eps_255 / 255 / 2 <= (x - x0).abs().max() <= eps_255 / 255 + 1e-6
+    assert x.min() >= -1e-6 and x.max() <= 1 + 1e-6

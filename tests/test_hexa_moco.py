@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import ROOT, TINY, diff_report, load_ckpt, read_log, run_script
+from conftest import ROOT, TINY, assert_within_budget, diff_report, load_ckpt, read_log, run_script
 from torch.nn.parallel import DistributedDataParallel
 
 import hexa_moco
@@ -57,10 +57,7 @@ def test_attack_budget_loss_and_no_side_effects(process_group, eps, step, steps,
     after = model.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before), "the attack changed the model"
     assert all(p.grad is None for p in model.parameters()), "the attack left parameter gradients"
-    assert not im_adv.requires_grad and im_adv.shape == im_q.shape
-    x0, x = im_q * STD_ + MEAN_, im_adv * STD_ + MEAN_  # pixels
-    assert (x - x0).abs().max() <= eps / 255 + 1e-6 and (x - x0).abs().max() >= eps / 255 / 2
-    assert x.min() >= -1e-6 and x.max() <= 1 + 1e-6
+    assert_within_budget(im_q, im_adv, eps)
     with torch.no_grad():
         adv_loss = loss_fn(im_adv)
     assert adv_loss > clean_loss, (float(clean_loss), float(adv_loss))
