@@ -1,6 +1,6 @@
 """MoCo v2 learns: after a short pretraining on the generated shapes, a linear probe on its trunk beats the same
 probe on a randomly initialised trunk by a clear margin (benchmarks/learning.py; the full benchmark run, 200
-epochs, shows a gap of about 30 points, this reduced one about 11)."""
+epochs, shows a gap of about 36 points, this reduced one about 11)."""
 
 import os
 
