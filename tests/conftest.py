@@ -100,3 +100,11 @@ def assert_within_budget(clean, adversarial, eps_255):
     assert not adversarial.requires_grad and adversarial.shape == clean.shape
     assert eps_255 / 255 / 2 <= (x - x0).abs().max() <= eps_255 / 255 + 1e-6
     assert x.min() >= -1e-6 and x.max() <= 1 + 1e-6
+
+
+def assert_clean_error(proc, fragment):
+    """Bad input: exit code 2, no traceback, and the last line of stderr is `error: ...` naming `fragment`."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and fragment in last, last

@@ -5,7 +5,7 @@ import os
 import shutil
 
 import pytest
-from conftest import TINY, run_script
+from conftest import TINY, assert_clean_error, run_script
 
 MOCO = [*TINY, "--moco-k", 64]
 
@@ -30,13 +30,6 @@ def run_dir(finished_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
     return out
-
-
-def assert_clean_error(proc, fragment):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and fragment in last, last
 
 
 def data_copy(tiny_data, tmp_path):

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import ROOT, TINY, load_ckpt, read_log, run_script
+from conftest import ROOT, TINY, assert_clean_error, load_ckpt, read_log, run_script
 
 from common import subsets
 from common.data import ImageFolder
@@ -33,13 +33,6 @@ PRETRAINING = {
 }
 # 10 % of the 128 tiny training images is 12 (3 per class): batches of 4 so that 2 processes get whole batches.
 FT = [*TINY, "-b", 4]
-
-
-def assert_clean_error(proc, fragment):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and fragment in last, last
 
 
 # ---------------------------------------------------------------- the seeded draw
