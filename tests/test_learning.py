@@ -1,6 +1,7 @@
 """MoCo v2 learns: after a short pretraining on the generated shapes, a linear probe on its trunk beats the same
-probe on a randomly initialised trunk by a clear margin (benchmarks/learning.py; the full benchmark run, 200
-epochs, shows a gap of about 36 points, this reduced one about 11)."""
+probe on a randomly initialised trunk by a clear margin (benchmarks/learning.py; benchmark runs show gaps of 13
+points after 100 epochs and 36 after 200 with the cosine schedule; this reduced run, 80 epochs at a constant lr,
+about 11)."""
 
 import os
 
