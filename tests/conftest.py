@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as torch_dist
+import torchvision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -58,6 +59,19 @@ def read_log(output_dir):
 
 def load_ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+CKPT_KEYS = {"format", "method", "arch", "epoch", "backbone", "model", "optimizer", "args", "rng", "extra"}
+
+
+def load_checked(path, method, epochs, arch="resnet18"):
+    """A pretraining checkpoint with the documented schema, whose `backbone` loads strictly into a plain torchvision
+    model minus its fc; returns it."""
+    state = load_ckpt(path)
+    assert set(state) == CKPT_KEYS and state["method"] == method and state["epoch"] == epochs
+    missing, unexpected = torchvision.models.get_model(arch).load_state_dict(state["backbone"], strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    return state
 
 
 @pytest.fixture(scope="module")
