@@ -176,9 +176,8 @@ def m_step(x, assignments, centroids):
     counts = torch.bincount(assignments, minlength=K)  # K
     dist.all_reduce_sum(emb_sums)
     dist.all_reduce_sum(counts)
-    nonempty = counts > 0
-    new = torch.where(nonempty[:, None], emb_sums / counts.clamp(min=1)[:, None], centroids)
-    return F.normalize(new, dim=1)
+    new = F.normalize(emb_sums / counts.clamp(min=1)[:, None], dim=1)
+    return torch.where(counts[:, None] > 0, new, centroids)  # kept exactly, not re-normalised
 
 
 @torch.no_grad()

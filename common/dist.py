@@ -1,12 +1,11 @@
 """Process group setup from torchrun's environment, and the few collectives the methods use.
 
 Every script runs inside a process group, even as one plain `python script.py` process (a one-process
-group on a free local port), so the distributed code paths (all-gather, broadcast, all-reduce) are the
+group on an in-process store), so the distributed code paths (all-gather, broadcast, all-reduce) are the
 same at world size 1 and N. NCCL on CUDA, gloo on CPU.
 """
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -22,19 +21,17 @@ def init_distributed(device: str = "auto") -> torch.device:
         from common.cli import UserError
 
         raise UserError("--device cuda was asked for but CUDA is not available")
-    if "RANK" not in os.environ:  # plain `python script.py`: a one-process group
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    local_rank = int(os.environ["LOCAL_RANK"])
+    # plain `python script.py`: a one-process group on an in-process store (no port to find or to race for)
+    alone = "RANK" not in os.environ
+    store = dict(store=dist.HashStore(), rank=0, world_size=1) if alone else {}
+    local_rank = 0 if alone else int(os.environ["LOCAL_RANK"])
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=dev)
+        dist.init_process_group("nccl", device_id=dev, **store)
     else:
         dev = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **store)
     return dev
 
 

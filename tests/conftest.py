@@ -4,7 +4,6 @@ import ast
 import difflib
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -78,10 +77,7 @@ def load_checked(path, method, epochs, arch="resnet18"):
 def process_group():
     """A one-process gloo group inside the test process (not through environment variables, so that the
     scripts the tests launch do not inherit it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    torch_dist.init_process_group("gloo", store=torch_dist.HashStore(), rank=0, world_size=1)
     yield
     torch_dist.destroy_process_group()
 

@@ -138,38 +138,44 @@ from torch.nn.parallel import DistributedDataParallel
 from common import dist
 from hexa_moco import MoCo, adversarial_view, cutmix
 
+def check():
+    torch.manual_seed(0)
+    model = DistributedDataParallel(MoCo("resnet18", dim=8, K=16, m=0.99, T=0.2))
+    moco = model.module
+    reductions = []
+    model.register_comm_hook(None, lambda state, bucket: reductions.append(1) or allreduce_hook(None, bucket))
+    optimizer = torch.optim.SGD(model.parameters(), 0.1)
+    torch.manual_seed(100 + dist.rank())  # different images on each process
+    result = {"grad_none_after_attack": [], "reductions_after_attack": [], "grads_equal": [], "losses": []}
+    for step in range(2):
+        im_q, im_k = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+        k = moco.keys(im_k)
+        zeros = torch.zeros(4, dtype=torch.long)
+        loss_fn = lambda x: F.cross_entropy(moco.contrast(F.normalize(moco.encoder_q(x).float(), dim=1), k), zeros)
+        n = len(reductions)
+        im_adv = adversarial_view(moco.encoder_q, loss_fn, im_q, 2 / 255, 2 / 255, 2)
+        result["reductions_after_attack"].append(len(reductions) - n)
+        result["grad_none_after_attack"].append(all(p.grad is None for p in model.parameters()))
+        im_mix, partner, lam = cutmix(im_q)
+        logits, labels, hard = model(im_q, k, im_adv, im_mix, partner)
+        loss = F.cross_entropy(logits, labels) + F.cross_entropy(hard["adv"], labels)
+        mix = [F.cross_entropy(logits_mix, labels) for logits_mix in hard["mix"]]
+        loss = loss + lam * mix[0] + (1 - lam) * mix[1]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        grads = torch.cat([p.grad.flatten() for p in moco.encoder_q.parameters()])
+        result["grads_equal"].append(torch.equal(*dist.concat_all_gather(grads[None])))
+        result["losses"].append(loss.item())
+        optimizer.zero_grad(set_to_none=True)
+    result["reductions"] = len(reductions)
+    result["queue_ptr"] = int(moco.queue_ptr)
+    result["queue_equal"] = torch.equal(*dist.concat_all_gather(moco.queue[None]))
+    return result
+
+
 dist.init_distributed("cpu")
-torch.manual_seed(0)
-model = DistributedDataParallel(MoCo("resnet18", dim=8, K=16, m=0.99, T=0.2))
-moco = model.module
-reductions = []
-model.register_comm_hook(None, lambda state, bucket: reductions.append(1) or allreduce_hook(None, bucket))
-optimizer = torch.optim.SGD(model.parameters(), 0.1)
-torch.manual_seed(100 + dist.rank())  # different images on each process
-result = {"grad_none_after_attack": [], "reductions_after_attack": [], "grads_equal": [], "losses": []}
-for step in range(2):
-    im_q, im_k = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
-    k = moco.keys(im_k)
-    zeros = torch.zeros(4, dtype=torch.long)
-    loss_fn = lambda x: F.cross_entropy(moco.contrast(F.normalize(moco.encoder_q(x).float(), dim=1), k), zeros)
-    n = len(reductions)
-    im_adv = adversarial_view(moco.encoder_q, loss_fn, im_q, 2 / 255, 2 / 255, 2)
-    result["reductions_after_attack"].append(len(reductions) - n)
-    result["grad_none_after_attack"].append(all(p.grad is None for p in model.parameters()))
-    im_mix, partner, lam = cutmix(im_q)
-    logits, labels, hard = model(im_q, k, im_adv, im_mix, partner)
-    loss = F.cross_entropy(logits, labels) + F.cross_entropy(hard["adv"], labels)
-    loss = loss + lam * F.cross_entropy(hard["mix"][0], labels) + (1 - lam) * F.cross_entropy(hard["mix"][1], labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    grads = torch.cat([p.grad.flatten() for p in moco.encoder_q.parameters()])
-    result["grads_equal"].append(torch.equal(*dist.concat_all_gather(grads[None])))
-    result["losses"].append(loss.item())
-    optimizer.zero_grad(set_to_none=True)
-result["reductions"] = len(reductions)
-result["queue_ptr"] = int(moco.queue_ptr)
-result["queue_equal"] = torch.equal(*dist.concat_all_gather(moco.queue[None]))
+result = check()  # frees the DDP model and its Python comm hook now, not at interpreter exit (gloo aborts there)
 if dist.is_main():
     with open(sys.argv[1], "w") as f:
         json.dump(result, f)
