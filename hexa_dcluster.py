@@ -500,15 +500,14 @@ def main(args):
         stats = train_one_epoch(model, loader, optimizer, schedule, memory, assignments, epoch, args, device)
         if not math.isfinite(stats["train/loss"]):
             raise UserError(f"the loss is not finite in epoch {epoch}; stopped, last good checkpoint kept")
-        # The memory bank goes into the checkpoint (gathered in rank order), so a resumed run clusters exactly
-        # the embeddings the uninterrupted run clusters.
-        gathered = {
-            "index": dist.concat_all_gather(local_memory_index).cpu(),  # W*M
-            "embeddings": dist.concat_all_gather(local_memory_embeddings.transpose(0, 1))
-            .cpu()
-            .transpose(0, 1)
-            .contiguous(),
-        }
+        # The memory bank goes into the checkpoint (gathered in rank order on rank 0 only, which writes it), so a
+        # resumed run clusters exactly the embeddings the uninterrupted run clusters.
+        index = dist.gather_to_main(local_memory_index)  # W*M on rank 0, None elsewhere
+        embeddings = dist.gather_to_main(local_memory_embeddings.transpose(0, 1))  # W*M x n_banks x D
+        gathered = None
+        if dist.is_main():
+            gathered = {"index": index.cpu(), "embeddings": embeddings.cpu().transpose(0, 1).contiguous()}
+        del index, embeddings
         state = {
             "format": ckpt.FORMAT,
             "method": METHOD,
@@ -519,7 +518,7 @@ def main(args):
             "optimizer": optimizer.state_dict(),
             "args": vars(args),
             "rng": ckpt.rng_states(),
-            "extra": {"memory": gathered if dist.is_main() else None},
+            "extra": {"memory": gathered},
         }
         keep = (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs
         ckpt.save(state, args.output_dir, keep, latest_only=("memory",))  # kept copies: no bank (rebuilt on resume)

@@ -65,6 +65,15 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+@torch.no_grad()
+def gather_to_main(tensor: torch.Tensor) -> torch.Tensor | None:
+    """Gather equal-sized tensors to rank 0 and concatenate them in rank order there; None on the other ranks,
+    which so never hold the whole (a memory bank that only rank 0 writes)."""
+    out = [torch.empty_like(tensor) for _ in range(world_size())] if is_main() else None
+    dist.gather(tensor.contiguous(), out, dst=0)
+    return torch.cat(out) if is_main() else None
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """In-place SUM over all processes; returns the tensor."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
