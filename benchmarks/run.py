@@ -38,6 +38,23 @@ VIEWS = {  # what one "image" of the batch costs the method, for reading the rat
 }
 
 
+README = os.path.join(ROOT, "README.md")
+BEGIN, END = "<!-- BENCHMARKS.md begins -->", "<!-- BENCHMARKS.md ends -->"
+
+
+def readme_block(text: str) -> str:
+    """BENCHMARKS.md's text as the README shows it: without the title, its sections one heading level down."""
+    return text.split("\n", 1)[1].strip("\n").replace("\n## ", "\n#### ")
+
+
+def update_readme(text: str, path: str = README) -> None:
+    """Put the new table between the README's two markers, so the README always shows the latest one."""
+    s = open(path).read()
+    i, j = s.index(BEGIN) + len(BEGIN), s.index(END)
+    with open(path, "w") as f:
+        f.write(s[:i] + "\n\n" + readme_block(text) + "\n\n" + s[j:])
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
@@ -116,6 +133,8 @@ def main():
     print(text)
     with open(o.output, "w") as f:
         f.write(text)
+    if os.path.abspath(o.output) == os.path.join(ROOT, "BENCHMARKS.md"):
+        update_readme(text)
 
 
 if __name__ == "__main__":

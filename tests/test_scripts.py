@@ -1,9 +1,11 @@
 """Every script: importable without side effects, --help, a docstring naming its base, the shared flags spelled
-and explained the same way everywhere."""
+and explained the same way everywhere; the README shows the latest benchmark table."""
 
 import importlib
+import os
 
 import pytest
+from conftest import ROOT
 
 SCRIPTS = {
     "moco_v2": "none",
@@ -42,3 +44,11 @@ def test_shared_flags_read_the_same(name):
         assert a.option_strings == b.option_strings and type(a) is type(b), flag
         if flag not in ("--batch-size", "--momentum", "--output-dir"):  # their defaults differ by script
             assert a.help == b.help and a.default == b.default, flag
+
+
+def test_readme_shows_the_latest_benchmarks():
+    from benchmarks.run import BEGIN, END, readme_block
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    shown = readme[readme.index(BEGIN) + len(BEGIN) : readme.index(END)].strip("\n")
+    assert shown == readme_block(open(os.path.join(ROOT, "BENCHMARKS.md")).read())
