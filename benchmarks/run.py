@@ -104,7 +104,7 @@ def main():
     p.add_argument("--batch", type=int, default=32, help="per-process batch")
     p.add_argument("--queue", type=int, default=65536 if gpu else 4096, help="MoCo queue (MoCHi needs >= 1024)")
     p.add_argument("--steps", type=int, default=20 if gpu else 3)
-    p.add_argument("--reps", type=int, default=5 if gpu else 3)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--kmeans-n", type=int, nargs="+", default=[100_000, 1_281_167] if gpu else [8_000])
     p.add_argument("--learning-epochs", type=int, default=learning.EPOCHS)
     p.add_argument("--learning-methods", nargs="*", default=list(learning.RECIPES), choices=list(learning.RECIPES))
