@@ -100,6 +100,23 @@ def diff_report(base: str, variant: str, tag: str | None = None) -> tuple[int, l
     return size, untagged
 
 
+def snapshot(model) -> dict:
+    """A copy of the model's parameters and every buffer, to compare after something that must not touch them."""
+    return {name: t.clone() for name, t in model.state_dict().items()}
+
+
+def assert_harmless_attack(model, before, loss_fn, clean, adversarial, eps_255):
+    """An attack (HEXA's adversarial_view) left the model as `before` with no parameter gradients, stayed within
+    its budget, and raised the loss it attacks."""
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before), "the attack changed the model"
+    assert all(p.grad is None for p in model.parameters()), "the attack left parameter gradients"
+    assert_within_budget(clean, adversarial, eps_255)
+    with torch.no_grad():
+        clean_loss, adv_loss = loss_fn(clean), loss_fn(adversarial)
+    assert adv_loss > clean_loss, (float(clean_loss), float(adv_loss))
+
+
 def assert_within_budget(clean, adversarial, eps_255):
     """An attack's output, both normalised: within the L-inf budget eps/255 of the clean pixels (and using a fair
     part of it), inside [0, 1], detached."""

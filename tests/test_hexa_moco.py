@@ -12,11 +12,12 @@ from conftest import (
     ROOT,
     TINY,
     assert_clean_error,
-    assert_within_budget,
+    assert_harmless_attack,
     diff_report,
     load_checked,
     read_log,
     run_script,
+    snapshot,
 )
 from torch.nn.parallel import DistributedDataParallel
 
@@ -46,28 +47,15 @@ def moco_loss(model, k):
     return lambda x: F.cross_entropy(model.contrast(F.normalize(model.encoder_q(x).float(), dim=1), k), zeros)
 
 
-def snapshot(model):
-    return {name: t.clone() for name, t in model.state_dict().items()}  # parameters and every buffer
-
-
 @pytest.mark.parametrize("eps,step,steps,random_start", [(2, 2, 1, False), (8, 2, 3, True)])
 def test_attack_budget_loss_and_no_side_effects(process_group, eps, step, steps, random_start):
     model = tiny_moco()
     im_q, im_k = images(seed=1), images(seed=2)
     k = model.keys(im_k)  # the step's keys, as in train_one_epoch: before the attack
     loss_fn = moco_loss(model, k)
-    with torch.no_grad():
-        clean_loss = loss_fn(im_q)
     before = snapshot(model)  # both encoders, BN running statistics, num_batches_tracked, the queue and pointer
     im_adv = adversarial_view(model.encoder_q, loss_fn, im_q, eps / 255, step / 255, steps, random_start)
-
-    after = model.state_dict()
-    assert all(torch.equal(before[name], after[name]) for name in before), "the attack changed the model"
-    assert all(p.grad is None for p in model.parameters()), "the attack left parameter gradients"
-    assert_within_budget(im_q, im_adv, eps)
-    with torch.no_grad():
-        adv_loss = loss_fn(im_adv)
-    assert adv_loss > clean_loss, (float(clean_loss), float(adv_loss))
+    assert_harmless_attack(model, before, loss_fn, im_q, im_adv, eps)
 
 
 def test_attack_restores_bn_statistics_it_would_have_changed(process_group):
