@@ -92,7 +92,7 @@ def probe(arch: str, state: dict | None, root: str, crop: int) -> float:
 def pretrain(method: str, root: str, out: str, epochs: int, seed: int = 0, extra=()) -> tuple[dict, float]:
     script = os.path.join(ROOT, f"{method}.py")
     cmd = [sys.executable, script, root, *COMMON, *RECIPES[method], "--epochs", str(epochs), "--seed", str(seed),
-           "--output-dir", out, *extra]  # fmt: skip
+           "--save-freq", str(epochs), "--output-dir", out, *extra]  # fmt: skip
     t = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     elapsed = time.perf_counter() - t

@@ -16,6 +16,7 @@ Schema (a plain dict, loadable with torch.load(weights_only=True)):
 
 import os
 import random
+import shutil
 
 import numpy as np
 import torch
@@ -52,20 +53,37 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
 def save(state: dict, output_dir: str, keep: bool, latest_only: tuple = ()) -> str:
     """Rank 0 writes OUTPUT_DIR/checkpoint.pth atomically (temp file, then rename); with `keep`, also
     checkpoint_<epoch>.pth, without the `extra` entries named in `latest_only` (large state that only the latest
-    checkpoint needs, such as a memory bank). Other ranks do nothing."""
+    checkpoint needs, such as a memory bank). Other ranks do nothing.
+
+    A kept checkpoint with the same content as checkpoint.pth is a hard link to it, not a second copy: every later
+    save replaces checkpoint.pth by a new file, so the kept one never changes (a copy where links are refused)."""
     if not dist.is_main():
         return ""
     path = os.path.join(output_dir, LATEST)
     _atomic_save(state, path)
     if keep:
-        extra = {k: v for k, v in state["extra"].items() if k not in latest_only}
-        _atomic_save({**state, "extra": extra}, os.path.join(output_dir, f"checkpoint_{state['epoch']:04d}.pth"))
+        kept = os.path.join(output_dir, f"checkpoint_{state['epoch']:04d}.pth")
+        if any(k in state["extra"] for k in latest_only):
+            extra = {k: v for k, v in state["extra"].items() if k not in latest_only}
+            _atomic_save({**state, "extra": extra}, kept)
+        else:
+            _atomic_link(path, kept)
     return path
 
 
 def _atomic_save(obj, path: str) -> None:
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+def _atomic_link(src: str, dst: str) -> None:
+    if os.path.lexists(dst + ".tmp"):
+        os.remove(dst + ".tmp")
+    try:
+        os.link(src, dst + ".tmp")
+    except OSError:
+        shutil.copyfile(src, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
 
 
 def load(path: str) -> dict:

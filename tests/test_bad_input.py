@@ -21,7 +21,8 @@ def finished_run(tiny_data, tmp_path_factory):
     """A finished 1-epoch MoCo v2 run: checkpoint.pth and log.jsonl."""
     out = tmp_path_factory.mktemp("finished")
     run_script("moco_v2.py", tiny_data, *MOCO, "--epochs", 1, "--output-dir", out)
-    return out
+    yield out
+    shutil.rmtree(out)
 
 
 @pytest.fixture

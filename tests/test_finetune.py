@@ -2,6 +2,7 @@
 
 import ast
 import os
+import shutil
 import subprocess
 from collections import Counter
 
@@ -114,7 +115,8 @@ def pretrained(request, tiny_data, tmp_path_factory):
         pytest.skip(f"{script} is not in the repository yet")
     out = tmp_path_factory.mktemp(script.removesuffix(".py"))
     run_script(script, tiny_data, *PRETRAINING[script], "--epochs", 1, "--output-dir", out)
-    return out / "checkpoint.pth"
+    yield out / "checkpoint.pth"
+    shutil.rmtree(out)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

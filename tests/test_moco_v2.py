@@ -129,7 +129,8 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     shutil.copy(full / "checkpoint_0001.pth", resumed / "epoch1.pth")  # the run as it was after epoch 1
     run_script("moco_v2.py", *args, "--output-dir", resumed, "--resume", resumed / "epoch1.pth")
     a, b = load_ckpt(full / "checkpoint.pth"), load_ckpt(resumed / "checkpoint.pth")
-    assert b["epoch"] == 2
+    assert load_ckpt(resumed / "epoch1.pth")["epoch"] == 1 and b["epoch"] == 2
+    assert [r["epoch"] for r in read_log(resumed)] == [2]  # only the second epoch ran again
     for k, v in a["model"].items():  # both encoders, the queue and its pointer
         assert torch.equal(v, b["model"][k]), k
     for s_a, s_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
