@@ -84,6 +84,14 @@ def test_resume_from_missing_file(tiny_data, run_dir):
     assert_clean_error(proc, "no such file")
 
 
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, run_dir):
+    before = digest(run_dir)
+    args = [tiny_data, *MOCO, "--epochs", 2, "--lr", "1e30", "--output-dir", run_dir, "--resume"]
+    proc = run_script("moco_v2.py", *args, check=False)  # the first step sends the weights to inf
+    assert_clean_error(proc, "the loss is not finite in epoch 1")
+    assert digest(run_dir) == before
+
+
 def test_lincls_rejects_wrong_checkpoints(tiny_data, finished_run, tmp_path):
     lin = tmp_path / "lin"
     run_script(
