@@ -40,7 +40,9 @@ DCLUSTER = ["-b", "64", "--nmb-crops", "2", "4", "--size-crops", "32", "16", "--
 RECIPES = {
     "moco_v2": MOCO,
     "mochi": [*MOCO, "--mochi-n", "64", "--mochi-s", "64", "--mochi-s-prime", "16", "--mix-start-epoch", "20"],
-    "hexa_moco": MOCO,
+    # HEXA-MoCo's loss sums three MoCo losses (clean, adversarial, cut-mixed), so its gradient can be up to 3x MoCo
+    # v2's: at MoCo v2's lr 0.06 it collapses here (probe below random, loss 3 ln 257); lr 0.06 / 3 trains.
+    "hexa_moco": [*MOCO, "--lr", "0.02"],
     "deepcluster_v2": DCLUSTER,
     "hexa_dcluster": DCLUSTER,
 }
