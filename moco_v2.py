@@ -9,6 +9,7 @@ Base: none (root of the contrastive family; mochi.py and hexa_moco.py are writte
 """
 
 import argparse
+import functools
 import math
 import os
 
@@ -54,13 +55,48 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--moco-m", type=float, default=0.999, help="key encoder momentum (default 0.999)")
     p.add_argument("--moco-t", type=float, default=0.2, help="softmax temperature (default 0.2)")
     p.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=True, help="2-layer MLP head (MoCo v2)")
+    p.add_argument("--bn-group-size", type=int, default=32, help="images per BatchNorm group (32; 0: all per process)")
     return p
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics come from groups of `group_size` consecutive images of the batch.
+
+    Shuffle-BN only hides a query's own key from its BatchNorm statistics when the key batch is spread over several
+    BatchNorm batches: the paper's 8 GPUs x 32 images. With groups, W processes x G groups normalise like W*G processes
+    of one group each (tested), so one GPU trains the 8-GPU method. In training each group is normalised with its own
+    mean and variance, and the running statistics move towards the mean of the groups' statistics (BatchNorm's
+    momentum rule); in eval mode, and for a batch of exactly one group, it is BatchNorm2d. Same parameters and buffers
+    as BatchNorm2d: checkpoints load into a plain torchvision ResNet.
+    """
+
+    def __init__(self, num_features: int, group_size: int = 0, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.group_size = group_size  # 0: the whole batch is one group
+
+    def forward(self, x):
+        n, g = x.shape[0], self.group_size
+        if not self.training or not g or n == g:
+            return super().forward(x)
+        if n % g:
+            raise ValueError(f"a batch of {n} images does not split into BatchNorm groups of {g}")
+        self.num_batches_tracked.add_(1)
+        running = [(self.running_mean.clone(), self.running_var.clone()) for _ in range(n // g)]  # one copy per group
+        out = [
+            F.batch_norm(x_g, mean, var, self.weight, self.bias, True, self.momentum, self.eps)
+            for x_g, (mean, var) in zip(x.split(g), running)  # x_g: g x C x H x W, a view
+        ]
+        with torch.no_grad():  # the groups' momentum updates, averaged
+            self.running_mean.copy_(torch.stack([mean for mean, _ in running]).mean(0))
+            self.running_var.copy_(torch.stack([var for _, var in running]).mean(0))
+        return torch.cat(out)  # n x C x H x W
 
 
 class MoCo(nn.Module):
     """A query encoder, a momentum key encoder and a queue of K keys (MoCo, Sec. 3.2 and Algorithm 1).
 
-    N = per-process batch, C = feature dimension, K = queue size, W = number of processes.
+    N = per-process batch, C = feature dimension, K = queue size, W = number of processes, G = BatchNorm groups
+    per process (N / bn_group_size).
     """
 
     def __init__(
@@ -71,13 +107,16 @@ class MoCo(nn.Module):
         m: float = 0.999,
         T: float = 0.2,
         mlp: bool = True,
+        bn_group_size: int = 0,
     ):
         super().__init__()
         self.K, self.m, self.T = K, m, T
         # torchvision ResNets whose fc maps the pooled features to C; MoCo v2 puts a hidden layer in front:
         # fc = Linear(d, d), ReLU, Linear(d, C), no BatchNorm (keys fc.0.* and fc.2.*).
-        self.encoder_q = torchvision.models.get_model(arch, num_classes=dim)
-        self.encoder_k = torchvision.models.get_model(arch, num_classes=dim)
+        # BatchNorm in groups of bn_group_size images (SplitBatchNorm2d) in both encoders.
+        norm_layer = functools.partial(SplitBatchNorm2d, group_size=bn_group_size)
+        self.encoder_q = torchvision.models.get_model(arch, num_classes=dim, norm_layer=norm_layer)
+        self.encoder_k = torchvision.models.get_model(arch, num_classes=dim, norm_layer=norm_layer)
         if mlp:
             d = self.encoder_q.fc.in_features
             self.encoder_q.fc = nn.Sequential(nn.Linear(d, d), nn.ReLU(), self.encoder_q.fc)
@@ -110,7 +149,8 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def _batch_shuffle_ddp(self, x):
         """Shuffle-BN (Sec. 3.3): give each process a random slice of the global key batch, so the key
-        encoder's BatchNorm statistics do not come from the same images as the queries'. Returns this
+        encoder's BatchNorm statistics do not come from the same images as the queries'. The permutation runs over
+        the whole global batch, so each of the W*G key groups holds random images, at any W (also 1). Returns this
         process's shuffled slice (N x ...) and the permutation that undoes it (WN)."""
         x_all = dist.concat_all_gather(x)  # WN x 3 x H x W
         idx_shuffle = torch.randperm(x_all.shape[0]).to(x.device)
@@ -198,9 +238,15 @@ def main(args):
     # ============ data ============
     dataset = ImageFolder(os.path.join(args.data, "train"), TwoCrops(moco_v2_view(args.crop_size)))
     loader = train_loader(dataset, args.batch_size, args.workers, args.seed, device)
+    if args.bn_group_size < 0 or (args.bn_group_size and loader.batch_size % args.bn_group_size):
+        raise UserError(
+            f"--batch-size {args.batch_size} gives {loader.batch_size} images per process, "
+            f"not a multiple of --bn-group-size {args.bn_group_size} (images per BatchNorm group; 0: one per process)"
+        )
 
     # ============ model ============
-    model = MoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp).to(device)
+    bn_group = args.bn_group_size or loader.batch_size  # images per BatchNorm group
+    model = MoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, bn_group).to(device)
     if args.amp and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model_without_ddp = model

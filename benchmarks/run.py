@@ -26,11 +26,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks import kmeans, learning, loading  # noqa: E402
 
-METHODS = ["supervised", "moco_v2", "mochi", "hexa_moco", "deepcluster_v2", "hexa_dcluster"]
-BASE = {"mochi": "moco_v2", "hexa_moco": "moco_v2", "hexa_dcluster": "deepcluster_v2"}
+METHODS = ["supervised", "moco_v2", "moco_v2_groups", "mochi", "hexa_moco", "deepcluster_v2", "hexa_dcluster"]
+BASE = {"moco_v2_groups": "moco_v2", "mochi": "moco_v2", "hexa_moco": "moco_v2", "hexa_dcluster": "deepcluster_v2"}
 VIEWS = {  # what one "image" of the batch costs the method, for reading the ratios
     "supervised": "1 x S fwd+bwd",
     "moco_v2": "2 x S (query fwd+bwd, key fwd)",
+    "moco_v2_groups": "as moco_v2, BatchNorm in 4 groups per process",
     "mochi": "as moco_v2, + mixing",
     "hexa_moco": "as moco_v2, + attack, + 2 hard queries",
     "deepcluster_v2": "2 x S + 6 small crops (0.18 S each)",
@@ -67,7 +68,7 @@ def machine() -> str:
 def steps(o) -> str:
     rows = {}
     for method in METHODS:
-        if method != "supervised" and not os.path.exists(os.path.join(ROOT, f"{method}.py")):
+        if method != "supervised" and not os.path.exists(os.path.join(ROOT, f"{method.split('_groups')[0]}.py")):
             continue
         cmd = [sys.executable, "-m", "benchmarks.step", method, "--arch", o.arch, "--size", str(o.size), "--batch",
                str(o.batch), "--queue", str(o.queue), "--steps", str(o.steps), "--reps", str(o.reps)]  # fmt: skip

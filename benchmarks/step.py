@@ -65,8 +65,9 @@ def supervised(o, device):
     return epoch
 
 
-def moco_family(name, extra):
-    """moco_v2 and its variants: the script's own MoCo class, optimizer and train_one_epoch."""
+def moco_family(name, extra, groups=0):
+    """moco_v2 and its variants: the script's own MoCo class, optimizer and train_one_epoch. BatchNorm groups: the
+    script's --bn-group-size when it divides the batch, else one group; with `groups`, that many per process."""
 
     def build(o, device):
         mod = __import__(name)
@@ -75,8 +76,11 @@ def moco_family(name, extra):
              "1000000", *([] if o.amp else ["--no-amp"]), *extra]
         )  # fmt: skip
         args.lr = 0.03 * args.batch_size / 256
+        if groups:  # BatchNorm in `groups` groups per process, as one GPU runs the paper's 8 x 32 images
+            args.bn_group_size = o.batch // groups
         mochi = (args.mochi_n, args.mochi_s, args.mochi_s_prime) if name == "mochi" else ()
-        model = mod.MoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, *mochi)
+        bn_group = args.bn_group_size if args.bn_group_size and o.batch % args.bn_group_size == 0 else o.batch
+        model = mod.MoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, bn_group, *mochi)
         views = [images(o.batch, o.size, "cpu") for _ in range(2)]
         batch = (views, torch.zeros(o.batch, dtype=torch.long))
         model, optimizer = _wrap(model, model.encoder_q.parameters(), args, device, torch.optim.SGD)
@@ -138,6 +142,7 @@ def _wrap(model, params, args, device, optim):
 METHODS = {
     "supervised": supervised,
     "moco_v2": moco_family("moco_v2", []),
+    "moco_v2_groups": moco_family("moco_v2", [], groups=4),
     "mochi": moco_family("mochi", ["--mix-start-epoch", "0"]),
     "hexa_moco": moco_family("hexa_moco", []),
     "deepcluster_v2": dcluster_family("deepcluster_v2"),

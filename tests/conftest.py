@@ -19,6 +19,8 @@ from common.synthetic import make_image_folder  # noqa: E402
 
 # Settings small enough for seconds on a CPU: resnet18 on 32-px crops, global batch 16, queue 64.
 TINY = ["-a", "resnet18", "--crop-size", "32", "-b", "16", "-j", "0", "--print-freq", "4"]
+# The MoCo family on TINY: a queue of 4 batches, BatchNorm groups of 8 (2 per process in one process, 1 in two).
+MOCO_TINY = [*TINY, "--moco-k", "64", "--bn-group-size", "8"]
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from conftest import TINY, assert_clean_error, run_script
 
-MOCO = [*TINY, "--moco-k", 64]
+MOCO = [*TINY, "--moco-k", 64, "--bn-group-size", 8]
 
 
 def digest(folder):

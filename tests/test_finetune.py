@@ -19,7 +19,7 @@ DIFF_BUDGET = 92
 
 # Each pretraining script with the flags that make one epoch take seconds on the tiny data set. Scripts not in
 # the repository yet are skipped; the flags of those are guesses from their issues (check them when they land).
-MOCO = [*TINY, "--moco-k", 64]
+MOCO = [*TINY, "--moco-k", 64, "--bn-group-size", 8]
 CLUSTER = [
     *("-a", "resnet18", "-b", 16, "-j", 0, "--print-freq", 4, "--nmb-crops", 2, 2, "--size-crops", 32, 16),
     *("--nmb-prototypes", 16, 16, 16, "--feat-dim", 16, "--hidden-mlp", 64, "--warmup-epochs", 0),

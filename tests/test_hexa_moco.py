@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    MOCO_TINY,
     ROOT,
     TINY,
     assert_clean_error,
@@ -185,7 +186,7 @@ def test_two_processes_attack_does_not_all_reduce(tmp_path):
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_end_to_end_and_lincls(tiny_data, tmp_path, nproc):
     out = tmp_path / "hexa"
-    run_script("hexa_moco.py", tiny_data, *TINY, "--epochs", 2, "--moco-k", 64, "--output-dir", out, nproc=nproc)
+    run_script("hexa_moco.py", tiny_data, *MOCO_TINY, "--epochs", 2, "--output-dir", out, nproc=nproc)
     log = read_log(out)
     assert [r["epoch"] for r in log] == [1, 2]
     for r in log:
@@ -202,7 +203,7 @@ def test_end_to_end_and_lincls(tiny_data, tmp_path, nproc):
 
 
 def test_bad_flags_are_one_line_errors(tiny_data, tmp_path):
-    proc = run_script("hexa_moco.py", tiny_data, *TINY, "--adv-eps", -1, "--output-dir", tmp_path, check=False)
+    proc = run_script("hexa_moco.py", tiny_data, *MOCO_TINY, "--adv-eps", -1, "--output-dir", tmp_path, check=False)
     assert_clean_error(proc, "must not be negative")
 
 

@@ -110,7 +110,20 @@ def test_no_mixing_is_exactly_moco_v2(process_group, kw, mix):
     assert torch.equal(F.cross_entropy(logits, labels), loss_b)
 
 
-MOCHI_TINY = ["--moco-k", 64, "--mochi-n", 16, "--mochi-s", 8, "--mochi-s-prime", 4, "--mix-start-epoch", 1]
+MOCHI_TINY = [
+    "--moco-k",
+    64,
+    "--bn-group-size",
+    8,
+    "--mochi-n",
+    16,
+    "--mochi-s",
+    8,
+    "--mochi-s-prime",
+    4,
+    "--mix-start-epoch",
+    1,
+]
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

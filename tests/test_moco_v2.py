@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, assert_clean_error, load_checked, load_ckpt, read_log, run_script
+from conftest import MOCO_TINY, TINY, assert_clean_error, load_checked, load_ckpt, read_log, run_script
 
-from moco_v2 import MoCo
+from moco_v2 import MoCo, SplitBatchNorm2d
 
 
 def tiny_moco(K=12, dim=8, m=0.99):
@@ -61,6 +61,61 @@ def test_shuffle_unshuffle_is_identity_and_keys_match(process_group):
         torch.testing.assert_close(k, model.encoder_k(x), atol=1e-5, rtol=1e-4)
 
 
+def test_split_batchnorm_is_batchnorm_per_group():
+    torch.manual_seed(0)
+    split, plain = SplitBatchNorm2d(5, group_size=4), torch.nn.BatchNorm2d(5)
+    assert split.state_dict().keys() == plain.state_dict().keys()  # loads into a torchvision ResNet
+    x = torch.randn(12, 5, 6, 6) * 3 + 1
+    out = split(x)
+    groups = []
+    for x_g in x.split(4):  # each group of 4 through its own BatchNorm from the same start
+        bn = torch.nn.BatchNorm2d(5)
+        groups.append((bn(x_g), bn))
+    torch.testing.assert_close(out, torch.cat([o for o, _ in groups]))
+    torch.testing.assert_close(split.running_mean, torch.stack([bn.running_mean for _, bn in groups]).mean(0))
+    torch.testing.assert_close(split.running_var, torch.stack([bn.running_var for _, bn in groups]).mean(0))
+    assert int(split.num_batches_tracked) == 1
+    torch.testing.assert_close(split(x[:4]), plain(x[:4]))  # one group: BatchNorm
+    split.eval(), plain.eval()
+    plain.load_state_dict(split.state_dict())
+    torch.testing.assert_close(split(x), plain(x))  # eval: the running statistics, as BatchNorm
+    with pytest.raises(ValueError, match="does not split into BatchNorm groups of 4"):
+        split.train()(x[:10])
+
+
+def test_one_process_in_groups_trains_as_two_processes(process_group, tmp_path):
+    """The equivalence that makes one GPU train the 8-GPU method: 1 process x 2 BatchNorm groups of 8 gives the
+    first step's logits, loss, updated weights and queue of 2 processes x 8 images (fp32 on the CPU: equal up to
+    the order of the gradient sums: atol 1e-5 on logits and loss, 5e-5 on the weights after a step of lr 0.5)."""
+    from dist_check_splitbn import first_step
+
+    run_script("tests/dist_check_splitbn.py", tmp_path / "two.pt", nproc=2)
+    two, one = torch.load(tmp_path / "two.pt", weights_only=True), first_step(bn_group_size=8)
+    torch.testing.assert_close(one["logits"], two["logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one["loss"], two["loss"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one["queue"], two["queue"], atol=1e-6, rtol=1e-5)
+    for k, w in one["weights"].items():
+        torch.testing.assert_close(w, two["weights"][k], atol=5e-5, rtol=1e-5, msg=k)
+    whole = first_step(bn_group_size=16)  # one BatchNorm batch of 16: not the two-process method
+    assert (whole["logits"] - two["logits"]).abs().max() > 1e-2
+
+
+def test_key_groups_hold_a_chance_share_of_their_queries(process_group):
+    """Image i's query is normalised with its query group, its key with the key group the shuffle puts it in. The
+    other images of that key group fall into i's query group only by chance, (g - 1) / (N - 1) of them on average
+    (1/9 here), where without the shuffle all of them would."""
+    model, N, g = tiny_moco(), 64, 8
+    ids = torch.arange(N).float().view(N, 1, 1, 1)  # image i holds the number i
+    shares = []
+    for _ in range(40):
+        key_order = model._batch_shuffle_ddp(ids)[0].flatten().long()  # images in key order: groups of g
+        for group in key_order.view(-1, g):
+            same = (group[:, None] // g == group[None, :] // g).float()  # same query group, pairwise
+            shares.append((same.sum(1) - 1) / (g - 1))  # per image: share of the others in its query group
+    share = torch.cat(shares).mean().item()
+    assert abs(share - (g - 1) / (N - 1)) < 0.02, share
+
+
 def test_forward_logits_labels(process_group):
     model = tiny_moco(K=12)
     im_q, im_k = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
@@ -95,7 +150,7 @@ def check_checkpoint(path, epochs, steps, K=64, batch=16):
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_end_to_end_and_lincls(tiny_data, tmp_path, nproc):
     out = tmp_path / "moco"
-    run_script("moco_v2.py", tiny_data, *TINY, "--epochs", 2, "--moco-k", 64, "--output-dir", out, nproc=nproc)
+    run_script("moco_v2.py", tiny_data, *MOCO_TINY, "--epochs", 2, "--output-dir", out, nproc=nproc)
     log = read_log(out)
     assert [r["epoch"] for r in log] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) and r["train/loss"] > 0 for r in log)
@@ -123,7 +178,7 @@ def test_end_to_end_and_lincls(tiny_data, tmp_path, nproc):
 
 def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = [tiny_data, *TINY, "-j", 1, "--epochs", 2, "--moco-k", 64, "--save-freq", 1]
+    args = [tiny_data, *MOCO_TINY, "-j", 1, "--epochs", 2, "--save-freq", 1]
     run_script("moco_v2.py", *args, "--output-dir", full)
     os.makedirs(resumed)
     shutil.copy(full / "checkpoint_0001.pth", resumed / "epoch1.pth")  # the run as it was after epoch 1
@@ -138,6 +193,13 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     assert read_log(full)[-1]["train/loss"] == read_log(resumed)[-1]["train/loss"]
 
 
-def test_queue_not_multiple_of_batch_is_an_error(tiny_data, tmp_path):
-    proc = run_script("moco_v2.py", tiny_data, *TINY, "--moco-k", 60, "--output-dir", tmp_path, check=False)
-    assert_clean_error(proc, "error: --moco-k 60 must be a multiple of the global --batch-size 16")
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--moco-k", 60], "--moco-k 60 must be a multiple of the global --batch-size 16"),
+        (["--bn-group-size", 6], "--batch-size 16 gives 16 images per process, not a multiple of --bn-group-size 6"),
+    ],
+)
+def test_queue_or_groups_not_dividing_the_batch_is_an_error(tiny_data, tmp_path, flags, message):
+    proc = run_script("moco_v2.py", tiny_data, *MOCO_TINY, *flags, "--output-dir", tmp_path, check=False)
+    assert_clean_error(proc, message)
