@@ -31,6 +31,7 @@ from common.views import MultiCrop
 
 METHOD = "deepcluster_v2"
 ARCHS = sorted(n for n in torchvision.models.list_models(torchvision.models) if "resne" in n)
+VIEWS = ["auto", "pil", "device"]  # auto: device on CUDA, pil on the CPU (common/device_views.py)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -46,6 +47,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--wd", type=float, default=1e-6, help="weight decay, folded into LARS (default 1e-6)")
     p.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process (default 8)")
+    p.add_argument("--views", default="auto", choices=VIEWS, help="pil (in workers) or device; auto: device on CUDA")
     p.add_argument("--seed", type=int, default=0, help="seed; process r uses seed + r (default 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="default: CUDA if available")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 + channels_last on CUDA")
@@ -346,7 +348,7 @@ def main(args):
     # ============ data ============
     views = MultiCrop(args.nmb_crops, args.size_crops, args.min_scale_crops, args.max_scale_crops)
     dataset = ImageFolder(os.path.join(args.data, "train"), views, with_index=True)
-    loader = train_loader(dataset, args.batch_size, args.workers, args.seed, device)
+    loader = train_loader(dataset, args.batch_size, args.workers, args.seed, device, args.views)
     memory_size = len(loader) * loader.batch_size  # M per process
     if memory_size * dist.world_size() < max(args.nmb_prototypes):
         raise UserError(

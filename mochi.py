@@ -34,6 +34,7 @@ from common.views import TwoCrops, moco_v2_view
 
 METHOD = "mochi"  # MoCHi: names the output folder and the checkpoint kind
 ARCHS = sorted(n for n in torchvision.models.list_models(torchvision.models) if "resne" in n)
+VIEWS = ["auto", "pil", "device"]  # auto: device on CUDA, pil on the CPU (common/device_views.py)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -48,6 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--cos", action=argparse.BooleanOptionalAction, default=True, help="half-cosine lr per epoch")
     p.add_argument("--schedule", type=int, nargs="*", default=[120, 160], help="lr x0.1 at these epochs (--no-cos)")
     p.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process (default 8)")
+    p.add_argument("--views", default="auto", choices=VIEWS, help="pil (in workers) or device; auto: device on CUDA")
     p.add_argument("--crop-size", type=int, default=224, help="side of the random resized crops (default 224)")
     p.add_argument("--seed", type=int, default=0, help="seed; process r uses seed + r (default 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="default: CUDA if available")
@@ -277,7 +279,7 @@ def main(args):
 
     # ============ data ============
     dataset = ImageFolder(os.path.join(args.data, "train"), TwoCrops(moco_v2_view(args.crop_size)))
-    loader = train_loader(dataset, args.batch_size, args.workers, args.seed, device)
+    loader = train_loader(dataset, args.batch_size, args.workers, args.seed, device, args.views)
     if args.bn_group_size < 0 or (args.bn_group_size and loader.batch_size % args.bn_group_size):
         raise UserError(
             f"--batch-size {args.batch_size} gives {loader.batch_size} images per process, "

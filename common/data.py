@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets
 
-from common import dist
+from common import device_views, dist
 from common.cli import UserError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -24,16 +24,31 @@ def load_rgb(path: str) -> Image.Image:
         raise UserError(f"cannot read image {path}: {err}") from None
 
 
+def read_bytes(path: str) -> torch.Tensor:
+    """The encoded file as a 1-D uint8 tensor (decoded later, on the training device)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except Exception as err:  # a missing or unreadable file
+        raise UserError(f"cannot read image {path}: {err}") from None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
 class ImageFolder(datasets.ImageFolder):
     """torchvision ImageFolder with clear errors for a missing folder, an empty class folder and an unreadable
-    image. With `with_index`, items are (index, sample) instead of (sample, target)."""
+    image. With `with_index`, items are (index, sample) instead of (sample, target). With `encoded` (set by
+    `train_loader(..., views="device")`), items are (index, the file's bytes, target), untransformed."""
 
     def __init__(self, root: str, transform=None, with_index: bool = False):
         check_folder(root)
         super().__init__(root, transform=transform, loader=load_rgb)
         self.with_index = with_index
+        self.encoded = False
 
     def __getitem__(self, index):
+        if self.encoded:  # (index, bytes, target): the views are made later, batched, on the training device
+            path, target = self.samples[index]
+            return index, read_bytes(path), target
         sample, target = super().__getitem__(index)
         return (index, sample) if self.with_index else (sample, target)
 
@@ -58,12 +73,22 @@ def per_rank_batch(global_batch: int) -> int:
     return global_batch // w
 
 
-def train_loader(dataset, global_batch: int, workers: int, seed: int, device: torch.device) -> DataLoader:
-    """Shuffled, sharded over processes (DistributedSampler, seeded), whole batches only (drop_last)."""
+def train_loader(dataset, global_batch: int, workers: int, seed: int, device: torch.device, views: str = "pil"):
+    """Shuffled, sharded over processes (DistributedSampler, seeded), whole batches only (drop_last).
+
+    `views` says where the dataset's view transform runs: "pil" in the DataLoader workers (a DataLoader, as always);
+    "device" on `device`, batched (a DeviceViewLoader: the workers only read the files, see common/device_views.py);
+    "auto" is "device" on CUDA and "pil" otherwise. Both yield the same structure."""
+    if views not in ("auto", "pil", "device"):
+        raise ValueError(f"views must be 'auto', 'pil' or 'device', got {views!r}")
+    if views == "auto":
+        views = "device" if device.type == "cuda" else "pil"
     batch = per_rank_batch(global_batch)
     sampler = DistributedSampler(dataset, shuffle=True, seed=seed)
     if len(sampler) < batch:
         raise UserError(f"{len(dataset)} training images are fewer than one global batch of {global_batch}")
+    if views == "device":
+        return DeviceViewLoader(dataset, sampler, batch, workers, device)
     return DataLoader(
         dataset,
         batch_size=batch,
@@ -75,6 +100,51 @@ def train_loader(dataset, global_batch: int, workers: int, seed: int, device: to
         # augmentations as an uninterrupted one (persistent workers would carry their RNG across epochs).
         persistent_workers=False,
     )
+
+
+def _collate_encoded(items):
+    # [(index, bytes, target)] -> B indices, a list of B byte tensors (of different lengths), B targets
+    index, blobs, target = zip(*items)
+    return torch.tensor(index, dtype=torch.long), list(blobs), torch.tensor(target, dtype=torch.long)
+
+
+class DeviceViewLoader:
+    """train_loader with views="device": the DataLoader's workers read each image's encoded bytes (no decoding, no
+    random draws); iterating decodes and augments each batch on `device` with the batched equivalent of the dataset's
+    view transform (common.device_views.from_transform). Yields what the Pillow path yields, the views on `device`:
+    (list of V views, targets), or (indices, list of V views) for a dataset `with_index`; a single-view transform gives
+    one tensor in place of the list.
+
+    Puts the dataset (an ImageFolder, or a Subset of one) in encoded mode. Forwards len(), .sampler (set_epoch),
+    .batch_size and .dataset."""
+
+    def __init__(self, dataset, sampler, batch_size: int, workers: int, device: torch.device):
+        folder = dataset.dataset if isinstance(dataset, Subset) else dataset
+        if not isinstance(folder, ImageFolder):
+            raise ValueError(f"views='device' needs a common.data.ImageFolder or a Subset of one, got {type(folder)}")
+        self.views = device_views.from_transform(folder.transform)
+        folder.encoded = True
+        self.folder, self.dataset, self.sampler = folder, dataset, sampler
+        self.batch_size, self.device = batch_size, device
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=_collate_encoded,
+            pin_memory=device.type == "cuda",  # pinned bytes: the decoder's host-to-device copy is asynchronous
+            drop_last=True,
+            persistent_workers=False,  # as the Pillow path (the workers draw nothing here)
+        )
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for index, blobs, target in self.loader:
+            paths = [self.folder.samples[i][0] for i in index.tolist()]  # for the error of an unreadable file
+            views = self.views(blobs, paths, self.device)
+            yield (index, views) if self.folder.with_index else (views, target)
 
 
 def eval_loader(dataset, global_batch: int, workers: int, device: torch.device) -> DataLoader:

@@ -1,0 +1,522 @@
+"""Augmented views made on the training device, batched: decode the encoded files together, then crop, jitter,
+grey, blur, flip and normalise the whole batch with independent random parameters per image and per view.
+
+When to use: whenever the DataLoader workers cannot keep up with the GPU. The Pillow views of `common/views.py` cost
+one CPU core per ~165 two-crop images/s; here the workers only read the file bytes, the batch is decoded with
+`torchvision.io.decode_jpeg(..., device=...)` (batched nvJPEG on CUDA) and augmented with a few batched kernels per
+op. `common.data.train_loader(..., views="device")` wires it in; every op also runs on CPU tensors (the tests do).
+
+What it matches: the views are built from the Pillow transform object itself (`from_transform(TwoCrops(...))`,
+`from_transform(MultiCrop(...))`, or a single `Compose`), reading sizes, scales, ratios, jitter strengths,
+probabilities and blur sigmas from it, so the two pipelines cannot drift apart. Each op follows torchvision's tensor
+semantics: RandomResizedCrop's `get_params` rule and an antialiased bilinear resize; ColorJitter's four ops in a
+random order per image (`torchvision.transforms.v2.functional` formulas, clamped to [0, 1] after each); grayscale with
+torchvision's luma weights; a true Gaussian blur kernel per image (torchvision's `gaussian_blur`, reflect padding) where
+Pillow uses box-blur passes; a horizontal flip; Normalize(MEAN, STD). The output has the Pillow path's structure and
+range: float32, N x 3 x S x S per view, exactly Normalize(mean, std) of an image in [0, 1].
+
+Randomness: every parameter is drawn on the host from torch's default CPU generator, vectorised over the batch (the
+image sizes are known on the host once decoded), so the RNG states a checkpoint saves cover the views, a resumed run
+draws the same views, and the same seed gives the same parameters on CPU and CUDA. The parameters reach the device in
+one pinned, non-blocking copy per dtype: no host-device synchronisation per batch.
+
+Kernel budget per batch: one decode call; per crop one resize call (crops differ in size, so the Python loop over
+crops is the one that cannot be batched); per image one uint8-to-float conversion (shared by all its views); then,
+for each resolution group (both MoCo views together, or all crops of one multi-crop size), a fixed number of batched
+kernels per op, the hue rotation, the grey conversion and the blur running only on the images that draw them.
+"""
+
+import io
+import itertools
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from common.cli import UserError
+from common.views import GaussianBlur, MultiCrop, TwoCrops
+
+# torchvision's tensor grayscale weights (ITU-R 601 luma; Pillow uses 0.299 for red).
+LUMA = (0.2989, 0.587, 0.114)
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter's op ids, as in its random order
+
+
+# ============ the view specification, read from the Pillow transform ============
+
+
+@dataclass(frozen=True)
+class Jitter:
+    """RandomApply([ColorJitter], p): factor ranges (lo, hi), None for an op that is off."""
+
+    brightness: tuple | None
+    contrast: tuple | None
+    saturation: tuple | None
+    hue: tuple | None
+    p: float
+
+
+@dataclass(frozen=True)
+class Grayscale:
+    p: float
+
+
+@dataclass(frozen=True)
+class Blur:
+    """RandomApply([GaussianBlur(sigma)], p); one kernel size for the batch, wide enough for the largest sigma."""
+
+    sigma: tuple
+    p: float
+
+    @property
+    def kernel_size(self) -> int:
+        return 2 * math.ceil(3 * self.sigma[1]) + 1
+
+
+@dataclass(frozen=True)
+class Flip:
+    p: float
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One view: RandomResizedCrop(size, scale, ratio), then `steps` in the Pillow transform's order, then Normalize
+    (mean, std; None when the transform has no Normalize)."""
+
+    size: tuple
+    scale: tuple
+    ratio: tuple
+    steps: tuple
+    mean: tuple | None
+    std: tuple | None
+
+    def step(self, kind):
+        return next((s for s in self.steps if isinstance(s, kind)), None)
+
+
+def from_transform(transform) -> "DeviceViews":
+    """The device pipeline equal in distribution to a Pillow view transform: `TwoCrops(compose)` (two views),
+    `MultiCrop(...)` (its crops, grouped by resolution in the given order) or one `Compose` (one tensor, not a list).
+    Raises ValueError for an op without a batched equivalent."""
+    if isinstance(transform, TwoCrops):
+        return DeviceViews([(_spec(transform.transform), 2)], single=False)
+    if isinstance(transform, MultiCrop):
+        # MultiCrop repeats one Compose object n times per resolution: consecutive repeats form one group.
+        groups = [(_spec(t), len(list(g))) for t, g in itertools.groupby(transform.transforms)]
+        return DeviceViews(groups, single=False)
+    if isinstance(transform, T.Compose):
+        return DeviceViews([(_spec(transform), 1)], single=True)
+    raise ValueError(f"device views: no batched equivalent of the view transform {_one_line(transform)}")
+
+
+def _one_line(t) -> str:
+    return " ".join(repr(t).split())
+
+
+def _spec(compose) -> ViewSpec:
+    ops = list(compose.transforms) if isinstance(compose, T.Compose) else [compose]
+    crop = ops.pop(0) if ops else None
+    if not isinstance(crop, T.RandomResizedCrop):
+        raise ValueError(
+            f"device views: a view must start with RandomResizedCrop, got {_one_line(crop)} in {_one_line(compose)}"
+        )
+    if crop.interpolation != T.InterpolationMode.BILINEAR:
+        raise ValueError(f"device views: only bilinear RandomResizedCrop is supported, got {_one_line(crop)}")
+    steps, mean, std, tensor = [], None, None, False
+    for op in ops:
+        inner, p = (op.transforms, op.p) if isinstance(op, T.RandomApply) else ([op], 1.0)
+        if len(inner) != 1:
+            raise ValueError(f"device views: RandomApply of more than one op is not supported: {_one_line(op)}")
+        (t,) = inner
+        if mean is not None:
+            raise ValueError(f"device views: {_one_line(t)} after Normalize is not supported in {_one_line(compose)}")
+        if isinstance(t, T.ColorJitter):
+            steps.append(Jitter(t.brightness, t.contrast, t.saturation, t.hue, p))
+        elif isinstance(t, GaussianBlur):
+            steps.append(Blur(tuple(float(s) for s in t.sigma), p))
+        elif isinstance(t, T.RandomGrayscale) and p == 1.0:
+            steps.append(Grayscale(t.p))
+        elif isinstance(t, T.RandomHorizontalFlip) and p == 1.0:
+            steps.append(Flip(t.p))
+        elif isinstance(t, T.ToTensor) and p == 1.0:
+            tensor = True
+        elif isinstance(t, T.Normalize) and p == 1.0 and tensor:
+            mean, std = tuple(map(float, t.mean)), tuple(map(float, t.std))
+        else:
+            raise ValueError(f"device views: no batched equivalent of {_one_line(op)} in {_one_line(compose)}")
+    kinds = [type(s) for s in steps]
+    if len(set(kinds)) != len(kinds):
+        raise ValueError(f"device views: an op appears twice in {_one_line(compose)}")
+    if not tensor:
+        raise ValueError(f"device views: the view must produce a tensor (ToTensor) in {_one_line(compose)}")
+    return ViewSpec(tuple(crop.size), tuple(crop.scale), tuple(crop.ratio), tuple(steps), mean, std)
+
+
+# ============ random parameters, drawn on the host ============
+
+
+def draw_crops(heights: torch.Tensor, widths: torch.Tensor, scale, ratio, tries: int = 10) -> torch.Tensor:
+    """RandomResizedCrop.get_params for N images at once: (N, 4) int64 boxes (top, left, height, width).
+
+    Each image makes up to `tries` attempts: area H*W*U(scale), aspect exp(U(log ratio)), w and h rounded half to
+    even (Python's round); the first attempt with 0 < w <= W and 0 < h <= H wins and its corner is uniform over the
+    valid integer positions. Without one, the centred largest box within the ratio range (the whole image if its
+    ratio is in range). All attempts are drawn up front; taking the first accepted one gives the same distribution."""
+    n = len(heights)
+    H, W = heights.double(), widths.double()  # N
+    log_ratio = torch.log(torch.tensor(ratio))  # float32, as torchvision
+    u_area = torch.empty(n, tries).uniform_(scale[0], scale[1])  # N x tries, float32 draws as torchvision's
+    u_log = torch.empty(n, tries).uniform_(float(log_ratio[0]), float(log_ratio[1]))
+    target = (H * W)[:, None] * u_area.double()
+    aspect = torch.exp(u_log).double()
+    w = torch.sqrt(target * aspect).round()  # torch.round is half to even, like Python's round
+    h = torch.sqrt(target / aspect).round()
+    ok = (w > 0) & (w <= W[:, None]) & (h > 0) & (h <= H[:, None])  # N x tries
+    first = ok.to(torch.uint8).argmax(1, keepdim=True)  # index of the first accepted try (0 if none)
+    found = ok.any(1)
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+    # Fallback: the image's own ratio clamped into the range, centred.
+    lo, hi = min(ratio), max(ratio)
+    in_ratio = W / H
+    fw = torch.where(in_ratio > hi, (H * hi).round(), W)
+    fh = torch.where(in_ratio < lo, (W / lo).round(), H)
+    w, h = torch.where(found, w, fw), torch.where(found, h, fh)
+    top = torch.where(found, (torch.rand(n, dtype=torch.float64) * (H - h + 1)).floor(), ((H - h) / 2).floor())
+    left = torch.where(found, (torch.rand(n, dtype=torch.float64) * (W - w + 1)).floor(), ((W - w) / 2).floor())
+    return torch.stack([top, left, h, w], 1).long()
+
+
+def draw_params(spec: ViewSpec, heights: torch.Tensor, widths: torch.Tensor) -> dict:
+    """The random parameters of one view for N images of the given sizes, from torch's default CPU generator.
+
+    Returns host tensors: crop (N, 4) boxes; per step present in the spec: flip (N,) bool; jitter (N,) bool,
+    factors (N, 4) brightness / contrast / saturation / hue, order (N, 4) op ids in the order applied; gray (N,) bool;
+    blur (N,) bool, sigma (N,)."""
+    n = len(heights)
+    params = {"crop": draw_crops(heights, widths, spec.scale, spec.ratio)}
+    for step in spec.steps:
+        if isinstance(step, Jitter):
+            ranges = [step.brightness or (1.0, 1.0), step.contrast or (1.0, 1.0), step.saturation or (1.0, 1.0)]
+            lo, hi = torch.tensor(ranges + [step.hue or (0.0, 0.0)]).T  # 4 ops each
+            params["jitter"] = torch.rand(n) < step.p
+            params["factors"] = lo + (hi - lo) * torch.rand(n, 4)  # U[lo, hi] per op, as ColorJitter.get_params
+            params["order"] = torch.rand(n, 4).argsort(1)  # a uniformly random permutation per image
+        elif isinstance(step, Grayscale):
+            params["gray"] = torch.rand(n) < step.p
+        elif isinstance(step, Blur):
+            params["blur"] = torch.rand(n) < step.p
+            params["sigma"] = step.sigma[0] + (step.sigma[1] - step.sigma[0]) * torch.rand(n)
+        elif isinstance(step, Flip):
+            params["flip"] = torch.rand(n) < step.p
+    return params
+
+
+# ============ batched ops (x: N x 3 x H x W float in [0, 1] unless stated) ============
+
+
+def _per_image(value, x: torch.Tensor) -> torch.Tensor:
+    """A scalar or an (N,) tensor of per-image values as an N x 1 x 1 x 1 tensor on x's device."""
+    return torch.as_tensor(value, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+
+
+def resized_crops(images: list, boxes: torch.Tensor, size) -> torch.Tensor:
+    """Crop box k = (top, left, height, width) of images[k] (3 x H x W float) and resize it to `size` (h, w) with
+    antialiased bilinear interpolation (torchvision's resized_crop on tensors, antialias=True). Boxes are host ints.
+    Returns N x 3 x h x w."""
+    out = []
+    for img, (top, left, h, w) in zip(images, boxes.tolist()):
+        crop = img[None, :, top : top + h, left : left + w]  # 1 x 3 x h x w, a view
+        out.append(F.interpolate(crop, size=tuple(size), mode="bilinear", align_corners=False, antialias=True))
+    return torch.cat(out)
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    # N x 3 x H x W -> N x 1 x H x W; the same arithmetic as torchvision's rgb_to_grayscale.
+    return x[:, 0:1].mul(LUMA[0]).add_(x[:, 1:2], alpha=LUMA[1]).add_(x[:, 2:3], alpha=LUMA[2])
+
+
+def _blend(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None, c: torch.Tensor | None = None):
+    """clamp(a * x + b * gray(x) + c * mean(gray(x)), 0, 1) with a, b, c per image (N x 1 x 1 x 1).
+
+    Brightness, contrast and saturation are all this blend: brightness (f, 0, 0), contrast (f, 0, 1 - f), saturation
+    (f, 1 - f, 0); and nothing is (1, 0, 0), exactly: 1 * x + 0 == x, so one call serves a batch of mixed ops."""
+    out = x * a
+    if b is not None or c is not None:
+        gray = _luma(x)  # N x 1 x H x W
+        if b is not None:
+            out.addcmul_(gray, b)
+        if c is not None:
+            out.add_(gray.mean((1, 2, 3), keepdim=True) * c)  # contrast blends with the mean grey level per image
+    return out.clamp_(0, 1)
+
+
+def adjust_brightness(x: torch.Tensor, factor) -> torch.Tensor:
+    """x * f, clamped; f a scalar or one factor per image."""
+    return _blend(x, _per_image(factor, x))
+
+
+def adjust_contrast(x: torch.Tensor, factor) -> torch.Tensor:
+    """Blend each image with the mean of its grayscale image."""
+    f = _per_image(factor, x)
+    return _blend(x, f, c=1 - f)
+
+
+def adjust_saturation(x: torch.Tensor, factor) -> torch.Tensor:
+    """Blend each image with its grayscale image."""
+    f = _per_image(factor, x)
+    return _blend(x, f, b=1 - f)
+
+
+def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Luma replicated to 3 channels."""
+    return _luma(x).expand_as(x).contiguous()
+
+
+def adjust_hue(x: torch.Tensor, factor) -> torch.Tensor:
+    """Rotate the hue by `factor` turns (in [-0.5, 0.5]) per image, in HSV, as torchvision's tensor adjust_hue.
+
+    RGB -> (hue, max, max - min) and back, with the hue kept in sixths of a turn. The inverse uses the closed form
+    channel = max - (max - min) * clamp(min(k, 4 - k), 0, 1), k = (n + hue) mod 6 with n = 5, 3, 1 for R, G, B: the
+    same function as the six-sector table, continuous in the hue, and it stays in [min, max]."""
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    minc, maxc = x.aminmax(dim=1, keepdim=True)  # N x 1 x H x W
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))  # grey pixels have no hue; avoid 0 / 0
+    # Hue sector from the channel that holds the maximum (red first, then green, as torchvision and Pillow).
+    hue = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = (hue + 6 * _per_image(factor, x)).remainder_(6)  # N x 1 x H x W, in [0, 6)
+    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    k = (hue + n).remainder_(6)  # N x 3 x H x W
+    return maxc - delta * torch.minimum(k, 4 - k).clamp_(0, 1)
+
+
+def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """(N,) sigmas -> N x K normalised 1-D Gaussian kernels (torchvision's _get_gaussian_kernel1d, per image)."""
+    pos = torch.arange(kernel_size, dtype=torch.float32, device=sigma.device) - (kernel_size - 1) / 2
+    pdf = torch.exp(-0.5 * (pos / sigma.float()[:, None]) ** 2)  # N x K
+    return pdf / pdf.sum(1, keepdim=True)
+
+
+def _blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    # x: n x 3 x H x W, kernels: n x K. Reflect padding as torchvision's gaussian_blur, then the separable kernel as
+    # two depthwise convolutions over all n*3 channels at once (one launch per direction).
+    n, c, h, w = x.shape
+    k = kernels.shape[1]
+    xp = F.pad(x, [k // 2] * 4, mode="reflect").reshape(1, n * c, h + k - 1, w + k - 1)
+    weight = kernels.to(x.dtype).repeat_interleave(c, 0)  # n*3 x K
+    xp = F.conv2d(xp, weight.view(n * c, 1, 1, k), groups=n * c)  # 1 x n*3 x H+K-1 x W
+    xp = F.conv2d(xp, weight.view(n * c, 1, k, 1), groups=n * c)  # 1 x n*3 x H x W
+    return xp.view(n, c, h, w)
+
+
+def gaussian_blur(x: torch.Tensor, sigma, kernel_size: int) -> torch.Tensor:
+    """Gaussian blur with one sigma per image (a scalar or an (N,) tensor), one odd kernel size for the batch."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(len(x))
+    return _blur(x, gaussian_kernels(sigma, kernel_size))
+
+
+def hflip(x: torch.Tensor, mask) -> torch.Tensor:
+    """Flip left-right the images where `mask` (N,) is true."""
+    return torch.where(torch.as_tensor(mask, device=x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """(x - mean) / std per channel, in place, as torchvision's Normalize."""
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def color_jitter(x: torch.Tensor, factors, order, applied, hue: bool = True) -> torch.Tensor:
+    """ColorJitter with per-image factors (N, 4), op order (N, 4) and whether it applies at all (N,) (host tensors),
+    the four ops in each image's own order. `hue=False` skips the hue op (ColorJitter's hue=None)."""
+    plan, host = _jitter_plan(factors, order, applied, hue)
+    return _run_jitter(x, plan, _send(host, x.device))
+
+
+# ============ per-batch plans: host tensors in, one copy to the device ============
+
+
+def _send(tensors: dict, device: torch.device) -> dict:
+    """Host tensors to `device` as one pinned, non-blocking copy per dtype (no sync, few transfers)."""
+    if device.type == "cpu":
+        return tensors
+    by_dtype = defaultdict(list)
+    for name, t in tensors.items():
+        by_dtype[t.dtype].append(name)
+    out = {}
+    for names in by_dtype.values():
+        flat = torch.cat([tensors[k].reshape(-1) for k in names]).pin_memory().to(device, non_blocking=True)
+        for k, part in zip(names, flat.split([tensors[k].numel() for k in names])):
+            out[k] = part.view(tensors[k].shape)
+    return out
+
+
+def _jitter_plan(factors, order, applied, hue: bool):
+    """Host side of the jitter: at position k of its order each image does one op. Brightness, contrast and
+    saturation at position k are one blend over the batch (identity coefficients for images doing hue or nothing);
+    the hue rotation runs only on the images whose op at position k is hue. Returns (plan, host tensors)."""
+    op = torch.where(applied[:, None], order, -1)  # N x 4, -1: jitter not applied
+    f = factors.float().gather(1, order)  # N x 4, the factor of the op at each position
+    blend = (op >= 0) & (op != HUE)
+    a = torch.where(blend, f, 1.0)
+    b = torch.where(op == SATURATION, 1 - f, 0.0)
+    c = torch.where(op == CONTRAST, 1 - f, 0.0)
+    host, plan = {}, []
+    for k in range(4):
+        host[f"abc{k}"] = torch.stack([a[:, k], b[:, k], c[:, k]])  # 3 x N
+        idx = (op[:, k] == HUE).nonzero()[:, 0] if hue else torch.zeros(0, dtype=torch.long)
+        host[f"hue_idx{k}"], host[f"hue_f{k}"] = idx, f[idx, k]
+        # What position k needs, decided on the host: skip what no image of the batch uses.
+        plan.append((bool((a[:, k] != 1).any()), bool(b[:, k].any()), bool(c[:, k].any()), len(idx)))
+    return plan, host
+
+
+def _run_jitter(x: torch.Tensor, plan, dev: dict) -> torch.Tensor:
+    for k, (any_a, any_b, any_c, n_hue) in enumerate(plan):
+        if any_a or any_b or any_c:
+            a, b, c = dev[f"abc{k}"].view(3, -1, 1, 1, 1)
+            x = _blend(x, a, b if any_b else None, c if any_c else None)
+        if n_hue:
+            idx = dev[f"hue_idx{k}"]  # an index tensor, not a mask: indexing with it needs no host sync
+            x[idx] = adjust_hue(x[idx], dev[f"hue_f{k}"])
+    return x
+
+
+# ============ decoding ============
+
+
+def _jpeg_components(blob: torch.Tensor) -> int:
+    """Number of colour components in a JPEG's frame header (3 for YCbCr), 0 if the bytes are not a JPEG or the
+    header cannot be found. Walks the marker segments up to the first SOF marker."""
+    data = memoryview(blob.numpy())
+    if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return 0
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return 0
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame: P, Y, X, Nf
+            return data[pos + 9] if pos + 9 < len(data) else 0
+        elif marker in (0xD9, 0xDA):  # end of image or scan data before any frame header
+            return 0
+        else:
+            pos += 2 + (data[pos + 2] << 8 | data[pos + 3])
+    return 0
+
+
+def _pil_decode(blob: torch.Tensor, path: str) -> torch.Tensor:
+    # The Pillow path's own decoding and RGB conversion (CMYK, grayscale, PNG, ...), and its one-line error.
+    try:
+        with Image.open(io.BytesIO(blob.numpy().tobytes())) as img:
+            rgb = np.array(img.convert("RGB"))
+    except Exception as err:  # a truncated, corrupt or unreadable file
+        raise UserError(f"cannot read image {path}: {err}") from None
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()  # 3 x H x W uint8
+
+
+def decode(blobs: list, paths: list, device: torch.device) -> list:
+    """Encoded files (1-D uint8 host tensors) -> 3 x H x W uint8 RGB images on `device`, in order.
+
+    Three-component JPEGs go through one batched `decode_jpeg` call (nvJPEG on CUDA); files it does not take (CMYK
+    or grayscale JPEG, PNG or other formats whatever their name) and any file it refuses are decoded on the CPU with
+    Pillow, exactly as the Pillow path does, and join the batch. A file nobody can read is a UserError naming it."""
+    device = torch.device(device)
+    out = [None] * len(blobs)
+    fast = [i for i, b in enumerate(blobs) if _jpeg_components(b) == 3]
+    if fast:
+        try:
+            images = decode_jpeg([blobs[i] for i in fast], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one bad file fails the whole call: retry one by one, the rest go to Pillow below
+            images = []
+            for i in fast:
+                try:
+                    images.append(decode_jpeg(blobs[i], mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    images.append(None)
+        for i, img in zip(fast, images):
+            out[i] = img
+    for i, img in enumerate(out):
+        if img is None:
+            rgb = _pil_decode(blobs[i], paths[i])
+            out[i] = rgb if device.type == "cpu" else rgb.pin_memory().to(device, non_blocking=True)
+    return out
+
+
+# ============ the pipeline ============
+
+
+class DeviceViews:
+    """Batched views: `groups` is a list of (ViewSpec, number of views); a group's views are made together.
+
+    `views(blobs, paths, device)` decodes and augments a batch; `augment(images)` takes decoded images; `draw(heights,
+    widths)` gives the parameters `augment` would use (per group, view-major: entry v*B + b is view v of image b)."""
+
+    def __init__(self, groups: list, single: bool):
+        self.groups = groups
+        self.single = single
+
+    def __repr__(self) -> str:
+        return f"DeviceViews({self.groups}, single={self.single})"
+
+    def draw(self, heights: torch.Tensor, widths: torch.Tensor) -> list:
+        return [draw_params(spec, heights.repeat(n), widths.repeat(n)) for spec, n in self.groups]
+
+    def augment(self, images: list, params: list | None = None):
+        """Decoded images (3 x H x W uint8, one device) -> list of V views (B x 3 x S x S float32, normalised), or one
+        tensor for a single-view transform. Draws the parameters unless given."""
+        if params is None:
+            sizes = torch.tensor([img.shape[-2:] for img in images]).view(-1, 2)  # B x 2, host ints (no sync)
+            params = self.draw(sizes[:, 0], sizes[:, 1])
+        floats = [img.float() for img in images]  # 0..255; one conversion per image, shared by its views
+        views = []
+        for (spec, n), p in zip(self.groups, params):
+            views += self._group(floats * n, spec, p).chunk(n)
+        return views[0] if self.single else views
+
+    def __call__(self, blobs: list, paths: list, device: torch.device):
+        return self.augment(decode(blobs, paths, device))
+
+    @staticmethod
+    def _group(images: list, spec: ViewSpec, p: dict) -> torch.Tensor:
+        # N = n views x B images, view-major; S = the group's output size.
+        x = resized_crops(images, p["crop"], spec.size).div_(255)  # N x 3 x S x S in [0, 1], as ToTensor
+        host, plans = {}, {}
+        for step in spec.steps:
+            if isinstance(step, Jitter):
+                plans["jitter"], jitter = _jitter_plan(p["factors"], p["order"], p["jitter"], step.hue is not None)
+                host.update(jitter)
+            elif isinstance(step, Grayscale):
+                host["gray_idx"] = p["gray"].nonzero()[:, 0]
+            elif isinstance(step, Blur):
+                idx = p["blur"].nonzero()[:, 0]
+                host["blur_idx"], host["blur_k"] = idx, gaussian_kernels(p["sigma"][idx], step.kernel_size)
+            elif isinstance(step, Flip):
+                host["flip"] = p["flip"]
+        if spec.mean is not None:
+            host["mean"], host["std"] = torch.tensor(spec.mean), torch.tensor(spec.std)
+        dev = _send(host, x.device)
+        for step in spec.steps:  # in the Pillow transform's order
+            if isinstance(step, Jitter):
+                x = _run_jitter(x, plans["jitter"], dev)
+            elif isinstance(step, Grayscale) and len(host["gray_idx"]):
+                idx = dev["gray_idx"]
+                x[idx] = rgb_to_grayscale(x[idx])
+            elif isinstance(step, Blur) and len(host["blur_idx"]):
+                idx = dev["blur_idx"]
+                x[idx] = _blur(x[idx], dev["blur_k"])
+            elif isinstance(step, Flip):
+                x = hflip(x, dev["flip"])
+        if spec.mean is not None:
+            x = normalize(x, dev["mean"], dev["std"])
+        return x
