@@ -27,6 +27,7 @@ from common import ckpt, dist
 from common.cli import UserError, run
 from common.data import ImageFolder, train_loader
 from common.meters import Progress, log_epoch
+from common.monitor import check_health, embedding_spread, knn_monitor, largest_cluster
 from common.views import MultiCrop
 
 METHOD = "deepcluster_v2"
@@ -55,6 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", help="checkpoint path; alone: the latest in --output-dir")
     p.add_argument("--save-freq", type=int, default=10, help="keep checkpoint_<epoch>.pth every N epochs (default 10)")
     p.add_argument("-p", "--print-freq", type=int, default=10, help="progress line every N steps (default 10)")
+    p.add_argument("--knn-every", type=int, default=5, help="kNN monitor every N epochs and at the end; 0: off (5)")
     # DeepCluster-v2
     p.add_argument("--nmb-crops", type=int, nargs="+", default=[2, 6], help="crops per resolution (default 2 6)")
     p.add_argument("--size-crops", type=int, nargs="+", default=[224, 96], help="crop sides (default 224 96)")
@@ -355,6 +357,8 @@ def main(args):
             f"the memory holds {memory_size * dist.world_size()} images over all processes, "
             f"fewer than --nmb-prototypes {max(args.nmb_prototypes)}"
         )
+    # the kNN top-1 of the trunk on DATA/val every --knn-every epochs (common/monitor.py)
+    knn = knn_monitor(args.knn_every, args.data, args.size_crops[0], loader.batch_size, args.workers, device, args.amp)
 
     # ============ model ============
     model = DeepClusterV2(args.arch, args.feat_dim, args.hidden_mlp, args.nmb_prototypes).to(device)
@@ -430,7 +434,13 @@ def main(args):
         keep = (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs
         ckpt.save(state, args.output_dir, keep, latest_only=("memory",))  # kept copies: no bank (rebuilt on resume)
         del gathered, state
+        stats["train/embed_spread"] = embedding_spread(local_memory_embeddings[0])  # this process's bank: M x D
+        stats["train/largest_cluster"] = largest_cluster(assignments)  # of the epoch's k-means, H x N
+        if knn and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            stats.update(knn(model_without_ddp.backbone))
         log_epoch(args.output_dir, {"epoch": epoch + 1, **stats, f"train/{METHOD}/kmeans_s": kmeans_s})
+        chance = sum(math.log(k) for k in args.nmb_prototypes) / len(args.nmb_prototypes)  # mean of ln K_h
+        check_health(stats, chance, epoch + 1, args.warmup_epochs)
     dist.cleanup()
 
 

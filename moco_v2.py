@@ -23,6 +23,7 @@ from common import ckpt, dist
 from common.cli import UserError, run
 from common.data import ImageFolder, train_loader
 from common.meters import Progress, log_epoch
+from common.monitor import check_health, embedding_spread, knn_monitor
 from common.views import TwoCrops, moco_v2_view
 
 METHOD = "moco_v2"
@@ -51,6 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", help="checkpoint path; alone: the latest in --output-dir")
     p.add_argument("--save-freq", type=int, default=10, help="keep checkpoint_<epoch>.pth every N epochs (default 10)")
     p.add_argument("-p", "--print-freq", type=int, default=10, help="progress line every N steps (default 10)")
+    p.add_argument("--knn-every", type=int, default=5, help="kNN monitor every N epochs and at the end; 0: off (5)")
     # MoCo v2
     p.add_argument("--moco-dim", type=int, default=128, help="feature dimension C (default 128)")
     p.add_argument("--moco-k", type=int, default=65536, help="queue size K, a multiple of --batch-size (default 65536)")
@@ -245,6 +247,8 @@ def main(args):
             f"--batch-size {args.batch_size} gives {loader.batch_size} images per process, "
             f"not a multiple of --bn-group-size {args.bn_group_size} (images per BatchNorm group; 0: one per process)"
         )
+    # the kNN top-1 of the trunk on DATA/val every --knn-every epochs (common/monitor.py)
+    knn = knn_monitor(args.knn_every, args.data, args.crop_size, loader.batch_size, args.workers, device, args.amp)
 
     # ============ model ============
     bn_group = args.bn_group_size or loader.batch_size  # images per BatchNorm group
@@ -292,7 +296,11 @@ def main(args):
             "extra": {},
         }
         ckpt.save(state, args.output_dir, keep=(epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs)
+        stats["train/embed_spread"] = embedding_spread(model_without_ddp.queue.T)  # the last K keys: K x C
+        if knn and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            stats.update(knn(model_without_ddp.encoder_q))
         log_epoch(args.output_dir, {"epoch": epoch + 1, "train/lr": lr, **stats})
+        check_health(stats, math.log(1 + args.moco_k), epoch + 1, warmup_epochs=5)  # chance: ln(1 + K)
     dist.cleanup()
 
 

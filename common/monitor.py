@@ -1,0 +1,291 @@
+"""Watching a pretraining run: a kNN monitor of the trunk, and one-line warnings for the usual failures.
+
+kNN monitor (`KNNMonitor`): every --knn-every epochs, the trunk embeds DATA/val and a fixed, class-balanced part
+of DATA/train (up to 50 images per class, drawn once under seed 0: 50,000 on ImageNet, as many as its val set,
+and the same images for every run and every --seed), and each val image is classified by a weighted vote of its
+nearest training images. The classifier is the weighted kNN of Wu, Xiong, Yu, Lin, "Unsupervised Feature Learning
+via Non-Parametric Instance Discrimination", CVPR 2018: cosine similarity s_i of L2-normalised pooled
+trunk features (before fc), the k = 200 most similar training images (fewer if the memory is smaller), each
+voting for its class with weight exp(s_i / T), T = 0.07; the prediction is the class with the largest sum.
+
+The monitor leaves training exactly as it was: the trunk runs in eval mode without gradients (no BatchNorm
+statistic moves) and each module gets its own training flag back; it reads the trunk only, never the method's
+state; its loaders draw from their own generator (a DataLoader without one draws from torch's global RNG each
+time it is iterated), and the RNG states (torch CPU and CUDA, numpy, python) are restored on leaving besides.
+
+Under torch.distributed, process r embeds images r, r+W, ... of each set, the training features are gathered
+(every image once) and each process classifies its own val images; the counts are summed, so every process returns
+the same accuracy, the same for any number of processes.
+
+Cost of a call: one eval forward per image, 100,000 on ImageNet (50,000 train + 50,000 val), about 2 % of a
+MoCo v2 epoch (1.28M images x 4 forward-equivalents) and under 1 % of a DeepCluster-v2 one; the kNN itself adds
+the equivalent of about 1,250 ResNet-50 forwards.
+
+Warnings (rank 0, one line each, starting with "warning:"): `check_loss` (loss at its chance value past the
+warm-up), `check_spread` (embeddings collapsing, from `embedding_spread`), `check_largest_cluster` (one cluster
+holding most of the memory, from `largest_cluster`). The statistics are plain floats, so the scripts log them too.
+"""
+
+import contextlib
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from common import dist
+from common.cli import UserError
+from common.data import ImageFolder
+from common.views import eval_val_view
+
+PER_CLASS = 50  # training images per class in the kNN memory: 50,000 on ImageNet, the size of its val set
+SUBSET_SEED = 0  # fixed, so that runs with different --seed are measured on the same images
+KNN_K, KNN_T = 200, 0.07  # Wu et al. 2018
+
+LOSS_RATIO = 0.97  # check_loss: warn when the epoch's mean loss is above 0.97 x chance past the warm-up
+SPREAD_MIN = 0.1  # check_spread: warn below (1: spread over the sphere; 0.1: within ~6 degrees of one direction)
+CLUSTER_MAX = 0.5  # check_largest_cluster: warn when one cluster of a head holds more than half of the memory
+
+
+def trunk_features(resnet: torch.nn.Module, images: torch.Tensor, amp: bool = True) -> torch.Tensor:
+    """The pooled features (N x d, fp32) of a torchvision ResNet: its forward up to avgpool, without its fc, so it
+    works whatever the fc is (a classifier, MoCo's MLP head, nn.Identity). With `amp` on CUDA, bf16 autocast and
+    channels_last input, as the scripts train."""
+    on_cuda = amp and images.device.type == "cuda"
+    x = images.contiguous(memory_format=torch.channels_last) if on_cuda else images
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=on_cuda):
+        x = resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x))))
+        x = resnet.layer4(resnet.layer3(resnet.layer2(resnet.layer1(x))))
+        return torch.flatten(resnet.avgpool(x), 1).float()
+
+
+@torch.no_grad()
+def knn_predict(queries, memory, memory_labels, num_classes: int, k: int = KNN_K, t: float = KNN_T, chunk=1024):
+    """Weighted kNN (Wu et al. 2018): queries Q x d and memory M x d, unit rows; memory_labels M. Each query's
+    k = min(k, M) most similar memory rows vote for their class with weight exp(sim / t). Returns Q labels."""
+    k = min(k, memory.shape[0])
+    out = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
+    for s in range(0, queries.shape[0], chunk):
+        sim, idx = (queries[s : s + chunk] @ memory.T).topk(k, dim=1)  # q x k: the nearest memory rows
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)  # q x C
+        votes.scatter_add_(1, memory_labels[idx], (sim / t).exp())
+        out[s : s + chunk] = votes.argmax(dim=1)
+    return out
+
+
+def balanced_subset(targets, per_class: int, seed: int) -> list[int]:
+    """Indices of up to `per_class` samples of each class, drawn in a seeded order (the same on every process),
+    returned in folder order."""
+    by_class = {}
+    for i, t in enumerate(targets):
+        by_class.setdefault(t, []).append(i)
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in sorted(by_class):
+        order = torch.randperm(len(by_class[c]), generator=g)[:per_class].tolist()
+        keep += [by_class[c][j] for j in order]
+    return sorted(keep)
+
+
+@contextlib.contextmanager
+def _rng_kept(device: torch.device):
+    """Put back the torch (CPU and this CUDA device), numpy and python RNG states on leaving."""
+    cuda = device.type == "cuda"
+    states = torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None, np.random.get_state()
+    py = random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        if cuda:
+            torch.cuda.set_rng_state(states[1], device)
+        np.random.set_state(states[2])
+        random.setstate(py)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    """Eval mode inside, then every submodule's own training flag back (not one flag for all)."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+class KNNMonitor:
+    """Weighted-kNN top-1 of a trunk: val images classified by their nearest training images (see the module
+    docstring). Build it once, on every process (the datasets are scanned here, not at each call); call it on every
+    process with the unwrapped trunk (e.g. `model_without_ddp.encoder_q`).
+
+    data: the ImageNet-style root; crop_size: the script's crop (the eval view resizes to crop * 256/224 and crops
+    the centre); batch_size: images per process per forward (the training loader's is safe); workers: loader
+    processes (0: in this process); amp: bf16 autocast and channels_last on CUDA, as the script trains.
+    """
+
+    def __init__(
+        self,
+        data: str,
+        crop_size: int,
+        batch_size: int,
+        workers: int,
+        device: torch.device,
+        amp: bool = True,
+        per_class: int = PER_CLASS,
+        seed: int = SUBSET_SEED,
+        k: int = KNN_K,
+        t: float = KNN_T,
+    ):
+        self.device, self.amp, self.k, self.t = device, amp, k, t
+        view, val = eval_val_view(crop_size), os.path.join(data, "val")
+        if not os.path.isdir(val):
+            raise UserError(f"the kNN monitor reads {val}, which does not exist (--knn-every 0 turns it off)")
+        self.train_set = ImageFolder(os.path.join(data, "train"), view)
+        self.val_set = ImageFolder(val, view)
+        if self.val_set.classes != self.train_set.classes:
+            raise UserError(f"the class folders of {data}/val differ from those of {data}/train (kNN monitor)")
+        keep = balanced_subset(self.train_set.targets, per_class, seed)
+        self.train_set.samples = self.train_set.imgs = [self.train_set.samples[i] for i in keep]
+        self.train_set.targets = [target for _, target in self.train_set.samples]
+        W = dist.world_size()
+        if min(len(self.train_set), len(self.val_set)) < W:
+            raise UserError(f"the kNN monitor needs at least {W} train and val images (one per process)")
+        self.loaders = [self._loader(s, batch_size, workers) for s in (self.train_set, self.val_set)]
+
+    def _loader(self, dataset, batch_size: int, workers: int) -> DataLoader:
+        """This process's shard (images r, r+W, ...), in order. Its own generator: iterating a DataLoader draws a
+        worker base seed, from torch's global RNG unless it is given one."""
+        shard = Subset(dataset, range(dist.rank(), len(dataset), dist.world_size()))
+        return DataLoader(
+            shard,
+            batch_size=batch_size,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    @torch.no_grad()
+    def _embed(self, trunk, loader) -> torch.Tensor:
+        """Unit pooled features of this process's shard, in shard order: n_r x d on the device."""
+        feats = [trunk_features(trunk, x.to(self.device, non_blocking=True), self.amp) for x, _ in loader]
+        return F.normalize(torch.cat(feats), dim=1)
+
+    @torch.no_grad()
+    def _gather(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        """All processes' shards (rank r holds images r, r+W, ...) as n x d in dataset order. The shards are padded
+        to one size for all_gather; the padding falls at the end of the interleaved order and is dropped."""
+        W = dist.world_size()
+        m = math.ceil(n / W)
+        padded = torch.zeros(m, local.shape[1], dtype=local.dtype, device=local.device)
+        padded[: local.shape[0]] = local
+        everyone = dist.concat_all_gather(padded).view(W, m, -1)  # rank w, row j = image j*W + w
+        return everyone.transpose(0, 1).reshape(W * m, -1)[:n]
+
+    def __call__(self, trunk: torch.nn.Module) -> dict:
+        """Collective: call on every process. Returns {"knn/acc1": top-1 in %, "knn/s": seconds of this call}."""
+        start = time.perf_counter()
+        with _rng_kept(self.device), _eval_mode(trunk), torch.no_grad():
+            train_loader, val_loader = self.loaders
+            memory = self._gather(self._embed(trunk, train_loader), len(self.train_set))  # M x d, all processes
+            memory_labels = torch.tensor(self.train_set.targets, device=self.device)  # M
+            queries = self._embed(trunk, val_loader)  # this process's val images: Q_r x d
+            labels = torch.tensor(self.val_set.targets[dist.rank() :: dist.world_size()], device=self.device)
+            pred = knn_predict(queries, memory, memory_labels, len(self.train_set.classes), self.k, self.t)
+            counts = dist.all_reduce_sum(torch.tensor([int((pred == labels).sum()), len(labels)], device=self.device))
+        return {"knn/acc1": 100.0 * counts[0].item() / counts[1].item(), "knn/s": time.perf_counter() - start}
+
+
+def knn_monitor(every: int, data: str, crop_size: int, batch_size: int, workers: int, device, amp: bool = True):
+    """The scripts' monitor for --knn-every `every`: a KNNMonitor, or None when `every` is 0 or DATA/val does not
+    exist (pretraining itself needs only DATA/train; a note says the monitor is off)."""
+    if not every:
+        return None
+    if not os.path.isdir(os.path.join(data, "val")):
+        dist.print0(f"note: {os.path.join(data, 'val')} does not exist; the kNN monitor is off")
+        return None
+    return KNNMonitor(data, crop_size, batch_size, workers, device, amp)
+
+
+# ============ statistics and warnings ============
+
+
+@torch.no_grad()
+def embedding_spread(vectors: torch.Tensor) -> float:
+    """Mean over dimensions of the standard deviation of unit vectors (N x D rows), times sqrt(D) (the statistic
+    SimSiam, Chen & He 2021, compares with 1/sqrt(D)): about 1 when they are spread over the sphere, 0 when they are
+    all equal, about r when they lie within an angle of r radians of one direction. It does not see a collapse onto
+    a low-dimensional subspace that is not axis-aligned. Keys of a randomly initialised ResNet-18 or -50 on the
+    generated shapes: 0.5-0.7. MoCo: the queue's columns (`queue.T`, K x D); DeepCluster-v2: the memory bank
+    (M x D)."""
+    x = F.normalize(vectors.float(), dim=1)
+    return float(x.std(dim=0).mean() * math.sqrt(x.shape[1]))
+
+
+@torch.no_grad()
+def largest_cluster(assignments: torch.Tensor) -> float:
+    """The largest fraction of the assigned images that one cluster of one head holds. assignments: H x N cluster
+    ids, -100 for the images that are not assigned (ignored)."""
+    fractions = []
+    for a in assignments:
+        a = a[a != -100]
+        if a.numel():
+            fractions.append(torch.bincount(a).max().item() / a.numel())
+    return max(fractions, default=0.0)
+
+
+def _warn(line: str) -> str:
+    dist.print0("warning: " + line)
+    return "warning: " + line
+
+
+def check_loss(loss: float, chance: float, epoch: int, warmup_epochs: int) -> str | None:
+    """Rule: after epoch `epoch` (counted from 1, as in log.jsonl) of a run past its first `warmup_epochs`, the
+    epoch's mean loss above LOSS_RATIO x chance warns, once per such epoch. chance: the loss of the uniform
+    prediction, ln(1 + K) for MoCo v2 (K = queue size), the mean of ln K_h over the heads for DeepCluster-v2.
+    Returns the line printed (rank 0), or None."""
+    if epoch <= warmup_epochs or loss <= LOSS_RATIO * chance:
+        return None
+    return _warn(
+        f"train/loss {loss:.4f} after epoch {epoch} is above {LOSS_RATIO} x its chance value {chance:.4f}, past the "
+        f"warm-up (epoch {warmup_epochs}): the network predicts no better than uniformly (often the collapsed, uniform "
+        "solution); lower --lr or check the views (a loss well below chance is normal: moco #12, 6.9 for MoCo v2 at "
+        "K = 65536, chance 11.09)"
+    )
+
+
+def check_spread(spread: float) -> str | None:
+    """Warns when embedding_spread is below SPREAD_MIN. Returns the line printed (rank 0), or None."""
+    if spread >= SPREAD_MIN:
+        return None
+    return _warn(
+        f"train/embed_spread {spread:.4f} is below {SPREAD_MIN} (about 1 when the embeddings spread over the sphere, "
+        "0 when they are all equal): the embeddings are collapsing to a point or a low-dimensional subspace; "
+        "lower --lr or check the views"
+    )
+
+
+def check_largest_cluster(fraction: float) -> str | None:
+    """Warns when largest_cluster is above CLUSTER_MAX. Returns the line printed (rank 0), or None."""
+    if fraction <= CLUSTER_MAX:
+        return None
+    return _warn(
+        f"train/largest_cluster {fraction:.4f} is above {CLUSTER_MAX} (one cluster holds {100 * fraction:.0f} % of "
+        "the memory): the trunk maps most images alike and k-means collapses to one cluster; lower --lr"
+    )
+
+
+def check_health(stats: dict, chance: float, epoch: int, warmup_epochs: int) -> list[str]:
+    """Every warning that applies to an epoch's logged stats: the loss against its chance value, and
+    train/embed_spread and train/largest_cluster when they are there. Returns the lines printed (rank 0)."""
+    lines = [check_loss(stats["train/loss"], chance, epoch, warmup_epochs)]
+    if "train/embed_spread" in stats:
+        lines.append(check_spread(stats["train/embed_spread"]))
+    if "train/largest_cluster" in stats:
+        lines.append(check_largest_cluster(stats["train/largest_cluster"]))
+    return [line for line in lines if line]
