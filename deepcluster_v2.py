@@ -6,7 +6,7 @@ main_deepclusterv2.py; DeepCluster: Caron et al., arXiv:1807.05520.
 Base: none (root of the clustering family; hexa_dcluster.py is written as a diff against it).
 
     python deepcluster_v2.py DATA                          # one process: one GPU, or the CPU for debugging
-    torchrun --nproc_per_node=8 deepcluster_v2.py DATA     # one node, 8 GPUs, global batch 4096 as published
+    torchrun --nproc_per_node=8 deepcluster_v2.py DATA     # one node, 8 GPUs, global batch 4096 (published: 64 x 64)
 """
 
 import argparse
@@ -377,11 +377,8 @@ def main(args):
     if resume_path:
         state = ckpt.load(resume_path)
         ckpt.check_kind(state, resume_path, METHOD)
-        try:
-            model_without_ddp.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as err:
-            raise UserError(f"{resume_path} does not fit these flags: {str(err).splitlines()[0]}") from None
+        ckpt.load_state(model_without_ddp, state["model"], resume_path, state["args"])
+        ckpt.load_optimizer(optimizer, state["optimizer"], resume_path)
         start_epoch = state["epoch"]
         if not ckpt.restore_rng(state["rng"]):
             dist.print0("note: the number of processes changed; RNG states not restored")

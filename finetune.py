@@ -31,7 +31,6 @@ from common.views import eval_train_view, eval_val_view
 
 METHOD = "finetune"
 ARCHS = sorted(n for n in torchvision.models.list_models(torchvision.models) if "resne" in n)
-PRETRAINING = ("moco_v2", "mochi", "hexa_moco", "deepcluster_v2", "hexa_dcluster")
 RECIPES = {  # per --labels-perc: trunk lr, head lr (SwAV repository; 100 % is our choice)
     1: dict(lr=0.02, lr_head=5.0),
     10: dict(lr=0.01, lr_head=0.2),
@@ -67,44 +66,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset-file", default=None, help="SimCLR list of training file names (default: seeded draw)")
     p.add_argument("-e", "--evaluate", action="store_true", help="only validate the --resume checkpoint")
     return p
-
-
-def load_pretrained(path: str, arch: str) -> dict:
-    """The trunk of a pretraining checkpoint as torchvision ResNet keys without fc.*, checked strictly:
-    every trunk key present with its shape, nothing else. Formats: ours (`backbone`), the MoCo repository's
-    (`state_dict` with `module.encoder_q.*`) and the SwAV repository's (`module.*` trunk, projection head and
-    prototypes, in `state_dict` or flat)."""
-    obj = ckpt.load(path)
-    if isinstance(obj, dict) and obj.get("format") == ckpt.FORMAT:
-        if obj.get("method") not in PRETRAINING:
-            raise UserError(f"{path} is a {obj.get('method')} checkpoint, not a pretraining one")
-        state = obj["backbone"]
-    else:
-        sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise UserError(f"{path} is not a pretraining checkpoint (no state_dict of tensors)")
-        if any(k.startswith("module.encoder_q.") for k in sd):  # MoCo repository
-            prefix = "module.encoder_q."
-            state = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-            state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the MoCo (MLP) head
-        else:  # SwAV repository (DeepCluster-v2, SwAV): drop the projection head and the prototypes
-            state = {k.removeprefix("module."): v for k, v in sd.items()}
-            state = {k: v for k, v in state.items() if not k.startswith(("projection_head.", "prototypes."))}
-    model = torchvision.models.get_model(arch)
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
-    if missing or unexpected or wrong:
-        detail = (
-            f"missing {missing[:3]}"
-            if missing
-            else f"unexpected {unexpected[:3]}"
-            if unexpected
-            else f"shape of {wrong[:3]}"
-        )
-        raise UserError(f"{path} does not hold a {arch} trunk ({detail}); check -a/--arch and the file")
-    return state
 
 
 def adjust_learning_rate(optimizer, epoch: int, args) -> float:
@@ -180,6 +141,10 @@ def main(args):
     if not args.pretrained and not resume_path:
         raise UserError("--pretrained is required (a pretraining checkpoint)")
     dist.print0(f"{METHOD}: {dist.world_size()} process(es) on {device}; {vars(args)}")
+    if args.batch_size != 256:  # as in the upstream scripts: no linear scaling rule
+        dist.print0(
+            f"note: the lr of this recipe is fixed (lr {args.lr:g} at batch 256); --batch-size is {args.batch_size}"
+        )
 
     # ============ data ============
     train_set = ImageFolder(os.path.join(args.data, "train"), eval_train_view(args.crop_size))
@@ -195,9 +160,9 @@ def main(args):
 
     # ============ model ============
     model = torchvision.models.get_model(args.arch, num_classes=len(train_set.classes))
-    reference = load_pretrained(args.pretrained, args.arch) if args.pretrained else None
+    reference = ckpt.load_trunk(args.pretrained, args.arch) if args.pretrained else None
     if reference is not None:
-        model.load_state_dict(reference, strict=False)  # strictness checked in load_pretrained: only fc is missing
+        model.load_state_dict(reference, strict=False)  # strictness checked in load_trunk: only fc is missing
     torch.nn.init.normal_(model.fc.weight, mean=0.0, std=0.01)
     torch.nn.init.zeros_(model.fc.bias)
     model = model.to(device)
@@ -217,11 +182,8 @@ def main(args):
     if resume_path:
         state = ckpt.load(resume_path)
         ckpt.check_kind(state, resume_path, METHOD)
-        try:
-            model_without_ddp.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as err:
-            raise UserError(f"{resume_path} does not fit these flags: {str(err).splitlines()[0]}") from None
+        ckpt.load_state(model_without_ddp, state["model"], resume_path, state["args"])
+        ckpt.load_optimizer(optimizer, state["optimizer"], resume_path)
         start_epoch, best_acc1 = state["epoch"], state["extra"]["best_acc1"]
         if not ckpt.restore_rng(state["rng"]):
             dist.print0("note: the number of processes changed; RNG states not restored")

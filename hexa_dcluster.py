@@ -15,7 +15,7 @@ Base: deepcluster_v2.py; every block that differs is tagged `# HEXA:`. Deltas:
      --adv-weight * adversarial + --mix-weight * cut-mixed; a weight of 0 skips its computation.
 
     python hexa_dcluster.py DATA                          # one process: one GPU, or the CPU for debugging
-    torchrun --nproc_per_node=8 hexa_dcluster.py DATA     # one node, 8 GPUs, global batch 4096
+    torchrun --nproc_per_node=8 hexa_dcluster.py DATA     # one node, 8 GPUs, global batch 4096 (published: 64 x 64)
 """
 
 import argparse
@@ -472,11 +472,8 @@ def main(args):
     if resume_path:
         state = ckpt.load(resume_path)
         ckpt.check_kind(state, resume_path, METHOD)
-        try:
-            model_without_ddp.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as err:
-            raise UserError(f"{resume_path} does not fit these flags: {str(err).splitlines()[0]}") from None
+        ckpt.load_state(model_without_ddp, state["model"], resume_path, state["args"])
+        ckpt.load_optimizer(optimizer, state["optimizer"], resume_path)
         start_epoch = state["epoch"]
         if not ckpt.restore_rng(state["rng"]):
             dist.print0("note: the number of processes changed; RNG states not restored")

@@ -367,11 +367,8 @@ def main(args):
     if resume_path:
         state = ckpt.load(resume_path)
         ckpt.check_kind(state, resume_path, METHOD)
-        try:
-            model_without_ddp.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as err:
-            raise UserError(f"{resume_path} does not fit these flags: {str(err).splitlines()[0]}") from None
+        ckpt.load_state(model_without_ddp, state["model"], resume_path, state["args"])
+        ckpt.load_optimizer(optimizer, state["optimizer"], resume_path)
         start_epoch = state["epoch"]
         if not ckpt.restore_rng(state["rng"]):
             dist.print0("note: the number of processes changed; RNG states not restored")

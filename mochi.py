@@ -257,11 +257,15 @@ def train_one_epoch(model, loader, optimizer, epoch: int, args, device) -> dict:
         loss.backward()
         optimizer.step()
 
-        acc1 = (logits.argmax(dim=1) == labels).float().mean() * 100
+        acc1 = (logits[:, : 1 + args.moco_k].argmax(dim=1) == labels).float().mean() * 100  # MoCHi: of the 1 + K real
         # MoCHi: cosine of the hardest real negative; fraction of synthetic logits above the positive (0 before mixing)
         pos, neg, syn = logits.detach().split([1, args.moco_k, logits.shape[1] - 1 - args.moco_k], dim=1)
-        hardest, above = neg.amax(dim=1).mean() * args.moco_t, (syn > pos).float().mean().nan_to_num()
-        progress.step(i, loss=loss, acc1=acc1, **{"mochi/hardest_neg_sim": hardest, "mochi/synth_above_pos": above})
+        mochi = {
+            "mochi/hardest_neg_sim": neg.amax(dim=1).mean() * args.moco_t,
+            "mochi/synth_above_pos": (syn > pos).float().mean().nan_to_num(),
+            "mochi/acc1_all": (logits.argmax(dim=1) == labels).float().mean() * 100,  # of all 1 + K + s + s'
+        }
+        progress.step(i, loss=loss, acc1=acc1, **mochi)
     return progress.summary()
 
 
@@ -306,11 +310,8 @@ def main(args):
     if resume_path:
         state = ckpt.load(resume_path)
         ckpt.check_kind(state, resume_path, METHOD)
-        try:
-            model_without_ddp.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as err:
-            raise UserError(f"{resume_path} does not fit these flags: {str(err).splitlines()[0]}") from None
+        ckpt.load_state(model_without_ddp, state["model"], resume_path, state["args"])
+        ckpt.load_optimizer(optimizer, state["optimizer"], resume_path)
         start_epoch = state["epoch"]
         if not ckpt.restore_rng(state["rng"]):
             dist.print0("note: the number of processes changed; RNG states not restored")

@@ -12,26 +12,53 @@ Schema (a plain dict, loadable with torch.load(weights_only=True)):
     args        the run's flags, as a dict
     rng         per-process RNG states (torch, CUDA, numpy, python), one entry per rank
     extra       method extras (e.g. the DeepCluster memory bank, the best accuracy of an evaluation)
+
+Every failure to read or write a checkpoint, or to fit one to the model these flags build, is a UserError: one
+line that names the file and the cause.
 """
 
+import contextlib
+import errno
 import os
 import random
+import re
 import shutil
+import zipfile
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+import torchvision
 
 from common import dist
-from common.cli import UserError
+from common.cli import UserError, reason
 
 FORMAT = 1
 LATEST = "checkpoint.pth"
+KEYS = ("format", "method", "arch", "epoch", "backbone", "model", "optimizer", "args", "rng", "extra")
+PRETRAINING = ("moco_v2", "mochi", "hexa_moco", "deepcluster_v2", "hexa_dcluster")
+# The flags (argparse dests) that name and size each group of model tensors, most specific prefix first: what a
+# resume with other flags than the checkpoint's most likely got wrong. None: the classifier of lincls / finetune.
+FLAGS_OF_KEYS = (
+    ("encoder_q.fc.", ("moco_dim", "mlp")),  # the MoCo head
+    ("encoder_k.fc.", ("moco_dim", "mlp")),
+    ("queue", ("moco_k", "moco_dim")),  # queue and queue_ptr
+    ("projection_head.", ("hidden_mlp", "feat_dim")),
+    ("prototypes.", ("nmb_prototypes", "feat_dim")),
+    ("fc.", None),
+    ("", ("arch",)),  # the trunk: encoder_q.*, encoder_k.*, backbone.*, or a plain ResNet's
+)
+
+
+# ---------------------------------------------------------------- output folder and resume path
 
 
 def prepare_output_dir(output_dir: str, resume: str | None) -> None:
     """Create the output folder; refuse to start a fresh run on top of an existing one."""
-    os.makedirs(output_dir, exist_ok=True)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create --output-dir {output_dir}: {_os_cause(err)}") from None
     if resume is None and os.path.exists(os.path.join(output_dir, LATEST)):
         raise UserError(
             f"{output_dir} already holds a run ({LATEST}); continue it with --resume or choose another --output-dir"
@@ -45,9 +72,14 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     if resume == "latest":
         path = os.path.join(output_dir, LATEST)
         return path if os.path.exists(path) else None
+    if os.path.isdir(resume):
+        raise UserError(f"--resume {resume} is a folder; give a checkpoint file, e.g. {os.path.join(resume, LATEST)}")
     if not os.path.isfile(resume):
         raise UserError(f"--resume {resume}: no such file")
     return resume
+
+
+# ---------------------------------------------------------------- writing
 
 
 def save(state: dict, output_dir: str, keep: bool, latest_only: tuple = ()) -> str:
@@ -56,55 +88,284 @@ def save(state: dict, output_dir: str, keep: bool, latest_only: tuple = ()) -> s
     checkpoint needs, such as a memory bank). Other ranks do nothing.
 
     A kept checkpoint with the same content as checkpoint.pth is a hard link to it, not a second copy: every later
-    save replaces checkpoint.pth by a new file, so the kept one never changes (a copy where links are refused)."""
+    save replaces checkpoint.pth by a new file, so the kept one never changes (a copy where links are refused).
+    A failed write (a full disk, most often) leaves no temporary file and the previous files as they were; its
+    error names the last good checkpoint."""
     if not dist.is_main():
         return ""
     path = os.path.join(output_dir, LATEST)
-    _atomic_save(state, path)
-    if keep:
-        kept = os.path.join(output_dir, f"checkpoint_{state['epoch']:04d}.pth")
-        if any(k in state["extra"] for k in latest_only):
-            extra = {k: v for k, v in state["extra"].items() if k not in latest_only}
-            _atomic_save({**state, "extra": extra}, kept)
-        else:
-            _atomic_link(path, kept)
+    try:
+        write_atomic(path, lambda f: torch.save(state, f))
+        if keep:
+            kept = os.path.join(output_dir, f"checkpoint_{state['epoch']:04d}.pth")
+            if any(k in state["extra"] for k in latest_only):
+                extra = {k: v for k, v in state["extra"].items() if k not in latest_only}
+                write_atomic(kept, lambda f: torch.save({**state, "extra": extra}, f))
+            else:
+                _link_atomic(path, kept)
+    except UserError as err:
+        raise UserError(f"{err}; {_last_good(path)}") from None
     return path
 
 
-def _atomic_save(obj, path: str) -> None:
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+def write_atomic(path: str, write) -> None:
+    """Write `path` through `path.tmp`: `write(f)` fills the open binary file, which is synced to the disk and
+    renamed over `path`. On failure the temporary file is removed and `path` is left as it was."""
+    with _writing(path) as tmp:
+        _write_file(tmp, write)
 
 
-def _atomic_link(src: str, dst: str) -> None:
-    if os.path.lexists(dst + ".tmp"):
-        os.remove(dst + ".tmp")
+def _link_atomic(src: str, dst: str) -> None:
+    with _writing(dst) as tmp:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:  # a file system without hard links: a copy
+            _write_file(tmp, lambda f: _copy_into(src, f))
+
+
+def _write_file(tmp: str, write) -> None:
+    with open(tmp, "wb") as f:
+        write(f)  # torch.save into an open file reports a failed write as the OSError of the write, with its errno
+        f.flush()
+        os.fsync(f.fileno())  # on the disk before the rename, so that a crash cannot leave a renamed empty file
+
+
+def _copy_into(src: str, f) -> None:
+    with open(src, "rb") as s:
+        shutil.copyfileobj(s, f, 2**24)
+
+
+@contextlib.contextmanager
+def _writing(path: str):
+    tmp = path + ".tmp"
     try:
-        os.link(src, dst + ".tmp")
-    except OSError:
-        shutil.copyfile(src, dst + ".tmp")
-    os.replace(dst + ".tmp", dst)
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as err:  # an interrupt too: no partial file is left behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if not isinstance(err, (OSError, RuntimeError)):  # RuntimeError: torch.save's report of a failed write
+            raise
+        raise UserError(f"cannot write {path}: {_write_cause(err, path)}; the partial file was removed") from None
+
+
+def _write_cause(err: BaseException, path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    seen = err
+    while seen is not None:  # the OSError may sit under a RuntimeError of torch's writer
+        if isinstance(seen, OSError) and seen.errno:
+            cause = _os_cause(seen)
+            if seen.errno in (errno.ENOSPC, errno.EDQUOT):
+                cause += f" ({_free(folder)} free in {folder})"
+            return cause
+        seen = seen.__cause__ or seen.__context__
+    with contextlib.suppress(OSError):  # no errno (torch.save given a path): judge by the free space
+        if shutil.disk_usage(folder).free < 2**26:
+            return f"no space left on device ({_free(folder)} free in {folder})"
+    return reason(err)
+
+
+def _os_cause(err: OSError) -> str:
+    text = os.strerror(err.errno) if err.errno else reason(err)
+    return text[:1].lower() + text[1:]
+
+
+def _free(folder: str) -> str:
+    return f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB"
+
+
+def _last_good(path: str) -> str:
+    if not os.path.isfile(path):
+        return "no checkpoint was written before"
+    try:  # mmap: the epoch without reading the tensors
+        epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    except Exception:  # only a detail of the message being built: the path is named either way
+        return f"the last good checkpoint is {path}"
+    return f"the last good checkpoint is {path} (epoch {epoch})"
+
+
+# ---------------------------------------------------------------- reading
 
 
 def load(path: str) -> dict:
-    """Read a checkpoint on the CPU; any failure is one clear error."""
+    """Read a checkpoint on the CPU; any failure is one clear error that says what is wrong with the file."""
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a folder, not a file")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path}: no such file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # torch.load's messages name neither the file nor, often, the cause: diagnose it
+        raise UserError(f"cannot read checkpoint {path}: {_read_cause(path, err)}") from None
+
+
+SIGNATURES = {  # what a file that is not a checkpoint most likely is, by its first bytes
+    b"\xff\xd8\xff": "a JPEG image",
+    b"\x89PNG": "a PNG image",
+    b"\x1f\x8b": "a gzip file (unpack it first)",
+    b"%PDF": "a PDF document",
+}
+
+
+def _read_cause(path: str, err: Exception) -> str:
+    if isinstance(err, OSError) and err.errno:
+        return _os_cause(err)
+    size = os.path.getsize(path)
+    if size == 0:
+        return "the file is empty (0 bytes, what an interrupted copy or a full disk leaves)"
+    with open(path, "rb") as f:
+        head = f.read(8)
+    truncated = f"the file is truncated ({size:,} bytes; an interrupted copy or a full disk?)"
+    if head.startswith(b"PK\x03\x04"):  # a zip archive, the format of torch.save
+        if not zipfile.is_zipfile(path):
+            return truncated
+        with zipfile.ZipFile(path) as z:
+            if not any(n.endswith("/data.pkl") for n in z.namelist()):
+                return "a zip archive, but not one written by torch.save"
+    elif head.startswith(b"\x80"):  # a pickle, torch.save's format before PyTorch 1.6
+        if isinstance(err, EOFError) or "EOF" in str(err):  # in the pickle, or in the tensor data after it
+            return truncated
+    else:
+        kind = next((k for sig, k in SIGNATURES.items() if head.startswith(sig)), None)
+        if kind is None:
+            kind = "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else f"starts with {head.hex(' ')}"
+        return f"not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle; it looks like {kind})"
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if found:
+        return f"it holds a Python object ({found.group(1)}); only tensors and plain containers are read (weights_only)"
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
+    return f"its content is damaged ({found.group(1) if found else reason(err)})"
 
 
 def check_kind(ckpt: dict, path: str, method: str) -> None:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("method") != method:
         found = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{path} is not a {method} checkpoint of this project (found: {found})")
+    missing = [k for k in KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is a {method} checkpoint without its {', '.join(missing)} entries")
+
+
+def load_state(module: torch.nn.Module, state_dict: dict, path: str, saved_args: dict | None = None) -> None:
+    """Load a resumed checkpoint's model state strictly. The keys and shapes are compared first, so that a
+    checkpoint made with other flags is one line: the first missing, unexpected or differently shaped tensor, and
+    the flag that most likely differs (with the checkpoint's value of it, from `saved_args`)."""
+    expected = module.state_dict()
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise UserError(f"{path} does not fit these flags: its model entry is not a state_dict of tensors")
+    problem = _first_mismatch(expected, state_dict)
+    if problem:
+        key, what = problem
+        raise UserError(f"{path} does not fit these flags: {what}; check {_flag_hint(key, saved_args or {})}")
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as err:  # keys and shapes fit (checked above): show PyTorch's reason, on one line
+        detail = "; ".join(line.strip() for line in str(err).splitlines()[1:] if line.strip())
+        raise UserError(f"{path} does not fit these flags: {detail or reason(err)}") from None
+
+
+def _first_mismatch(expected: dict, state: dict) -> tuple[str, str] | None:
+    for k, v in expected.items():  # in the model's order: the first problem is the most telling one
+        if k not in state:
+            return k, f"the checkpoint has no {k}"
+        if state[k].shape != v.shape:
+            return k, f"{k} is {list(state[k].shape)} in the checkpoint, {list(v.shape)} with these flags"
+    for k in state:
+        if k not in expected:
+            return k, f"the checkpoint holds {k}, which these flags do not build"
+    return None
+
+
+def _flag_hint(key: str, saved_args: dict) -> str:
+    dests = next(dests for prefix, dests in FLAGS_OF_KEYS if key.startswith(prefix))
+    if dests is None:
+        return "DATA (the number of class folders sets the classifier)"
+    names = " / ".join("-a/--arch" if d == "arch" else f"--{d.replace('_', '-')}" for d in dests)
+    saved = [_flag_value(d, saved_args[d]) for d in dests if d in saved_args]
+    return f"{names} (the checkpoint's run: {' '.join(saved)})" if saved else names
+
+
+def _flag_value(dest: str, value) -> str:
+    name = "-a" if dest == "arch" else f"--{dest.replace('_', '-')}"
+    if isinstance(value, bool):
+        return name if value else f"--no-{dest.replace('_', '-')}"
+    if isinstance(value, (list, tuple)):
+        return " ".join([name, *map(str, value)])
+    return f"{name} {value}"
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state_dict: dict, path: str) -> None:
+    """Load a resumed checkpoint's optimizer state; parameter groups of other sizes are one clear line."""
+    groups = state_dict.get("param_groups", []) if isinstance(state_dict, dict) else []
+    saved = [len(g.get("params", [])) for g in groups]
+    here = [len(g["params"]) for g in optimizer.param_groups]
+    if saved != here:
+        raise UserError(
+            f"{path} does not fit these flags: its optimizer has parameter groups of {saved} tensors, "
+            f"this run's {here} (another optimizer, or other trainable parameters)"
+        )
+    try:
+        optimizer.load_state_dict(state_dict)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise UserError(f"{path}: cannot restore the optimizer state: {reason(err)}") from None
+
+
+# ---------------------------------------------------------------- the trunk, for evaluation and export
+
+
+def load_trunk(path: str, arch: str) -> dict:
+    """The trunk of a pretraining checkpoint file as torchvision ResNet keys without fc.*, checked strictly (see
+    trunk_of)."""
+    return trunk_of(load(path), path, arch)
+
+
+def trunk_of(obj, path: str, arch: str) -> dict:
+    """The trunk of a loaded pretraining checkpoint as torchvision ResNet keys without fc.*, checked strictly:
+    every trunk key present with its shape, nothing else. Formats: ours (`backbone`), the MoCo repository's
+    (`state_dict` with `module.encoder_q.*`) and the SwAV repository's (`module.*` trunk, projection head and
+    prototypes, in `state_dict` or flat)."""
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        if obj.get("method") not in PRETRAINING:
+            raise UserError(f"{path} is a {obj.get('method')} checkpoint, not a pretraining one")
+        state = obj.get("backbone")
+        if not isinstance(state, dict):
+            raise UserError(f"{path} is a {obj['method']} checkpoint without its backbone entry")
+    else:
+        sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise UserError(f"{path} is not a pretraining checkpoint (no state_dict of tensors)")
+        if any(k.startswith("module.encoder_q.") for k in sd):  # MoCo repository
+            prefix = "module.encoder_q."
+            state = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the MoCo (MLP) head
+        else:  # SwAV repository (DeepCluster-v2, SwAV): drop the projection head and the prototypes
+            state = {k.removeprefix("module."): v for k, v in sd.items()}
+            state = {k: v for k, v in state.items() if not k.startswith(("projection_head.", "prototypes."))}
+    model = torchvision.models.get_model(arch)
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
+    if missing or unexpected or wrong:
+        detail = (
+            f"missing {missing[:3]}"
+            if missing
+            else f"unexpected {unexpected[:3]}"
+            if unexpected
+            else f"shape of {wrong[:3]}"
+        )
+        raise UserError(f"{path} does not hold a {arch} trunk ({detail}); check -a/--arch and the file")
+    return state
 
 
 def backbone_of(encoder: torch.nn.Module) -> dict:
     """The trunk of a torchvision ResNet: its state_dict without fc.*."""
     return {k: v for k, v in encoder.state_dict().items() if not k.startswith("fc.")}
+
+
+# ---------------------------------------------------------------- RNG
 
 
 def rng_states() -> list:

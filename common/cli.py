@@ -7,6 +7,13 @@ class UserError(Exception):
     """An error caused by the input (data, flags, checkpoint), reported as one line without a traceback."""
 
 
+def reason(err: BaseException) -> str:
+    """An exception as a short cause for a one-line message: the first non-empty line of its text, or the name of
+    its type when it has no text (an EOFError, for one)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def _one_line(err: BaseException) -> str:
     # A UserError raised inside a DataLoader worker comes back re-wrapped, its message followed by the
     # worker's traceback; the original message is the last line, after "common.cli.UserError: ".

@@ -5,9 +5,9 @@ import os
 import shutil
 
 import pytest
-from conftest import TINY, assert_clean_error, run_script
+from conftest import MOCO_TINY, TINY, assert_clean_error, run_script
 
-MOCO = [*TINY, "--moco-k", 64, "--bn-group-size", 8]
+MOCO = MOCO_TINY
 
 
 def digest(folder):
@@ -84,6 +84,23 @@ def test_resume_from_missing_file(tiny_data, run_dir):
     assert_clean_error(proc, "no such file")
 
 
+def test_resume_from_an_empty_checkpoint(tiny_data, run_dir):
+    (run_dir / "checkpoint_0001.pth").write_bytes(b"")  # what an interrupted copy or a full disk leaves
+    before = digest(run_dir)
+    args = [tiny_data, *MOCO, "--epochs", 2, "--output-dir", run_dir, "--resume", run_dir / "checkpoint_0001.pth"]
+    proc = run_script("moco_v2.py", *args, check=False)
+    assert_clean_error(proc, "checkpoint_0001.pth: the file is empty (0 bytes")
+    assert digest(run_dir) == before
+
+
+def test_resume_with_other_flags_names_the_tensor_and_the_flag(tiny_data, run_dir):
+    before = digest(run_dir)
+    args = [tiny_data, *MOCO, "--moco-dim", 64, "--epochs", 2, "--output-dir", run_dir, "--resume"]
+    proc = run_script("moco_v2.py", *args, check=False)
+    assert_clean_error(proc, "in the checkpoint, [64, 64] with these flags; check --moco-k / --moco-dim")
+    assert digest(run_dir) == before
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, run_dir):
     before = digest(run_dir)
     args = [tiny_data, *MOCO, "--epochs", 2, "--lr", "1e30", "--output-dir", run_dir, "--resume"]
@@ -105,9 +122,10 @@ def test_lincls_rejects_wrong_checkpoints(tiny_data, finished_run, tmp_path):
         "--output-dir",
         lin,
     )
+    (tmp_path / "empty.pth").write_bytes(b"")
     cases = [
         (lin / "checkpoint.pth", "is a lincls checkpoint, not a pretraining one"),
-        (finished_run / "log.jsonl", "cannot read checkpoint"),
+        (tmp_path / "empty.pth", "empty.pth: the file is empty (0 bytes"),  # (other unreadable files: test_ckpt.py)
         (tmp_path / "missing.pth", "no such file"),
     ]
     for path, fragment in cases:
@@ -141,3 +159,13 @@ def test_lincls_rejects_wrong_checkpoints(tiny_data, finished_run, tmp_path):
         check=False,
     )
     assert_clean_error(proc, "is not a lincls checkpoint")
+    # its own checkpoint, resumed on data with another number of classes: one line, and the run left as it was
+    root = data_copy(tiny_data, tmp_path)
+    shutil.copytree(root / "train" / os.listdir(root / "train")[0], root / "train" / "zzz_extra")
+    shutil.copytree(root / "val" / os.listdir(root / "val")[0], root / "val" / "zzz_extra")
+    before = digest(lin)
+    proc = run_script(
+        "lincls.py", root, *TINY, "--epochs", 2, "--resume", lin / "checkpoint.pth", "--output-dir", lin, check=False
+    )
+    assert_clean_error(proc, "fc.weight is [4, 512] in the checkpoint, [5, 512] with these flags; check DATA")
+    assert digest(lin) == before

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import ROOT, TINY, assert_clean_error, load_ckpt, read_log, run_script
+from conftest import MOCO_TINY, ROOT, TINY, assert_clean_error, load_ckpt, read_log, run_script
 
 from common import subsets
 from common.data import ImageFolder
@@ -19,7 +19,7 @@ DIFF_BUDGET = 92
 
 # Each pretraining script with the flags that make one epoch take seconds on the tiny data set. Scripts not in
 # the repository yet are skipped; the flags of those are guesses from their issues (check them when they land).
-MOCO = [*TINY, "--moco-k", 64, "--bn-group-size", 8]
+MOCO = MOCO_TINY
 CLUSTER = [
     *("-a", "resnet18", "-b", 16, "-j", 0, "--print-freq", 4, "--nmb-crops", 2, 2, "--size-crops", 32, 16),
     *("--nmb-prototypes", 16, 16, 16, "--feat-dim", 16, "--hidden-mlp", 64, "--warmup-epochs", 0),
@@ -125,7 +125,8 @@ def test_end_to_end(pretrained, tiny_data, tmp_path, nproc):
         pytest.skip("2 processes: once, on moco_v2 (the loading code is the same for every method)")
     out = tmp_path / "ft"
     args = [tiny_data, *FT, "--epochs", 2, "--schedule", 1, "--pretrained", pretrained, "--output-dir", out]
-    run_script("finetune.py", *args, nproc=nproc)
+    proc = run_script("finetune.py", *args, nproc=nproc)
+    assert "note: the lr of this recipe is fixed (lr 0.01 at batch 256); --batch-size is 4" in proc.stdout
     log = read_log(out)
     assert [r["train/lr"] for r in log] == [0.01, pytest.approx(0.002)]  # 10 % recipe, x0.2 at epoch 1
     assert all(0 <= r["val/acc1"] <= r["val/acc5"] <= 100 for r in log)
@@ -154,10 +155,15 @@ def test_diff_against_lincls_stays_small():
     changed = [line for line in proc.stdout.splitlines() if line[:1] in "<>"]
     assert proc.returncode == 1 and len(changed) <= DIFF_BUDGET, f"{len(changed)} changed lines"
 
+    def source(name):
+        return open(os.path.join(ROOT, name)).read()
+
     def functions(name):
-        tree = ast.parse(open(os.path.join(ROOT, name)).read())
-        return {f.name: ast.dump(f) for f in tree.body if isinstance(f, ast.FunctionDef)}
+        return {f.name: ast.dump(f) for f in ast.parse(source(name)).body if isinstance(f, ast.FunctionDef)}
+
+    def lr_notes(name):
+        return [line for line in source(name).splitlines() if "note: the lr" in line]
 
     lin, ft = functions("lincls.py"), functions("finetune.py")
-    for name in ("load_pretrained", "validate"):  # the checkpoint loading and the evaluation are lincls's
-        assert ft[name] == lin[name], name
+    assert ft["validate"] == lin["validate"]  # the evaluation is lincls's (the trunk loader is common.ckpt's)
+    assert lr_notes("lincls.py") and lr_notes("lincls.py") == lr_notes("finetune.py")  # the same text in both

@@ -1,12 +1,12 @@
-"""lincls.py: loading the public MoCo and SwAV-repository formats strictly, recipes."""
+"""lincls.py: loading the public MoCo and SwAV-repository formats strictly (common.ckpt.load_trunk), recipes."""
 
 import pytest
 import torch
 import torchvision
 from conftest import TINY, read_log, run_script
 
+from common.ckpt import load_trunk
 from common.cli import UserError
-from lincls import load_pretrained
 
 
 def trunk_state(seed=0):
@@ -27,7 +27,7 @@ def test_public_moco_format(tmp_path):
         }
     )
     torch.save({"epoch": 200, "arch": "resnet18", "state_dict": sd, "optimizer": {}}, tmp_path / "moco.pth.tar")
-    loaded = load_pretrained(str(tmp_path / "moco.pth.tar"), "resnet18")
+    loaded = load_trunk(str(tmp_path / "moco.pth.tar"), "resnet18")
     assert loaded.keys() == trunk.keys() and all(torch.equal(loaded[k], trunk[k]) for k in trunk)
 
 
@@ -42,7 +42,7 @@ def test_public_swav_format(tmp_path, wrapped):
         }
     )
     torch.save({"epoch": 800, "state_dict": sd} if wrapped else sd, tmp_path / "swav.pth")
-    loaded = load_pretrained(str(tmp_path / "swav.pth"), "resnet18")
+    loaded = load_trunk(str(tmp_path / "swav.pth"), "resnet18")
     assert all(torch.equal(loaded[k], trunk[k]) for k in trunk)
 
 
@@ -51,18 +51,18 @@ def test_extra_or_missing_keys_are_errors(tmp_path):
     extra = {f"module.{k}": v for k, v in trunk.items()} | {"module.something_else.weight": torch.zeros(1)}
     torch.save(extra, tmp_path / "extra.pth")
     with pytest.raises(UserError, match="unexpected"):
-        load_pretrained(str(tmp_path / "extra.pth"), "resnet18")
+        load_trunk(str(tmp_path / "extra.pth"), "resnet18")
     missing = {f"module.{k}": v for k, v in trunk.items() if k != "layer4.1.bn2.running_var"}
     torch.save(missing, tmp_path / "missing.pth")
     with pytest.raises(UserError, match="missing"):
-        load_pretrained(str(tmp_path / "missing.pth"), "resnet18")
+        load_trunk(str(tmp_path / "missing.pth"), "resnet18")
 
 
 def test_swav_recipe_and_public_checkpoint_end_to_end(tiny_data, tmp_path):
     trunk = trunk_state(1)
     torch.save({"state_dict": {f"module.{k}": v for k, v in trunk.items()}}, tmp_path / "swav.pth")
     out = tmp_path / "lin"
-    run_script(
+    proc = run_script(
         "lincls.py",
         tiny_data,
         *TINY,
@@ -77,6 +77,7 @@ def test_swav_recipe_and_public_checkpoint_end_to_end(tiny_data, tmp_path):
     )
     log = read_log(out)
     assert [r["train/lr"] for r in log] == [0.3, pytest.approx(0.15)]  # cosine over 2 epochs
+    assert "note: the lr of this recipe is fixed (lr 0.3 at batch 256); --batch-size is 16" in proc.stdout
     state = torch.load(out / "checkpoint.pth", weights_only=True)
     assert state["args"]["wd"] == 1e-6 and all(torch.equal(state["backbone"][k], trunk[k]) for k in trunk)
     # --evaluate on the result reproduces the last validation accuracy
