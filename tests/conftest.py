@@ -2,8 +2,10 @@
 
 import ast
 import difflib
+import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,6 +23,22 @@ from common.synthetic import make_image_folder  # noqa: E402
 TINY = ["-a", "resnet18", "--crop-size", "32", "-b", "16", "-j", "0", "--print-freq", "4"]
 # The MoCo family on TINY: a queue of 4 batches, BatchNorm groups of 8 (2 per process in one process, 1 in two).
 MOCO_TINY = [*TINY, "--moco-k", "64", "--bn-group-size", "8"]
+# The DeepCluster family: 2 x 32 px + 2 x 16 px crops, 3 heads of 20 clusters, a 1-epoch warm-up.
+DC_TINY = [
+    "-a", "resnet18", "-b", "16", "-j", "0", "--print-freq", "4", "--nmb-crops", "2", "2", "--size-crops", "32", "16",
+    "--nmb-prototypes", "20", "20", "20", "--feat-dim", "16", "--hidden-mlp", "64", "--warmup-epochs", "1",
+]  # fmt: skip
+# The flags of each pretraining script's shared run (see `pretrained`).
+PRETRAINED = {
+    # the kept epoch 1 is where the resume test starts from; the kNN monitor after each epoch, which the resumed run
+    # leaves out: the two end alike only if the monitor changes nothing
+    "moco_v2.py": [*MOCO_TINY, "--save-freq", "1", "--knn-every", "1"],
+    "mochi.py": [*MOCO_TINY, "--mochi-n", "16", "--mochi-s", "8", "--mochi-s-prime", "4", "--mix-start-epoch", "1"],
+    "hexa_moco.py": MOCO_TINY,
+    # a constant lr, so that a 1-epoch run is this run's first epoch (the resume test)
+    "deepcluster_v2.py": [*DC_TINY, "--warmup-epochs", "0", "--lr", "0.1", "--final-lr", "0.1"],
+    "hexa_dcluster.py": DC_TINY,
+}
 
 
 @pytest.fixture(scope="session")
@@ -75,13 +93,77 @@ def load_checked(path, method, epochs, arch="resnet18"):
     return state
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def process_group():
     """A one-process gloo group inside the test process (not through environment variables, so that the
     scripts the tests launch do not inherit it)."""
     torch_dist.init_process_group("gloo", store=torch_dist.HashStore(), rank=0, world_size=1)
     yield
     torch_dist.destroy_process_group()
+
+
+def run_main(script, *args):
+    """Run a top-level script's main() in this process on the command line `args` (a run costs no process start,
+    most of a tiny run's time). Returns main()'s result; the process group it creates is destroyed even on failure."""
+    mod = importlib.import_module(script.removesuffix(".py"))
+    assert not torch_dist.is_initialized(), "run_main() inside a test that holds a process group"
+    try:
+        return mod.main(mod.get_args_parser().parse_args([str(a) for a in args]))
+    finally:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+class Runs:
+    """Each pretraining script's shared run: one process (run_main), 2 epochs on tiny_data with PRETRAINED[script]
+    and the device views, made when a test first asks for it and reused by every later test (end-to-end checks,
+    resume, linear evaluation, fine-tuning, export)."""
+
+    def __init__(self, data, root):
+        self.data, self.root, self.done = data, root, {}
+
+    def __call__(self, script: str):
+        if script not in self.done:
+            out = self.root / script.removesuffix(".py")
+            run_main(script, self.data, *PRETRAINED[script], "--views", "device", "--epochs", 2, "--output-dir", out)
+            self.done[script] = out
+        return self.done[script]
+
+
+@pytest.fixture(scope="session")
+def pretrained(tiny_data, tmp_path_factory):
+    """pretrained(script) -> the output folder of the script's shared run (checkpoint.pth, log.jsonl)."""
+    root = tmp_path_factory.mktemp("pretrained")
+    yield Runs(tiny_data, root)
+    shutil.rmtree(root)
+
+
+@pytest.fixture(scope="session")
+def two_processes(tiny_data, tmp_path_factory):
+    """What the suite runs in two processes (tests/dist_checks.py), from one torchrun launch: {check name: result}
+    and {run name: output folder} (moco_v2, ..., lincls_moco_v2, finetune_moco_v2)."""
+    out = tmp_path_factory.mktemp("two_processes")
+    run_script("tests/dist_checks.py", tiny_data, out, nproc=2, timeout=1200)
+    results = {f.removesuffix(".pt"): torch.load(out / f, weights_only=False) for f in os.listdir(out) if ".pt" in f}
+    results.update({f: out / f for f in os.listdir(out) if (out / f).is_dir()})
+    yield results
+    shutil.rmtree(out)
+
+
+def main_error(module, *argv) -> str:
+    """Run a script's main() in this process on argv; it must stop with a UserError (bad input): returns its message.
+    Cheaper than a subprocess for a flag check; the process group main() created is destroyed."""
+    from common.cli import UserError
+
+    mod = importlib.import_module(module)
+    assert not torch_dist.is_initialized()
+    try:
+        with pytest.raises(UserError) as err:
+            mod.main(mod.get_args_parser().parse_args([str(a) for a in argv]))
+    finally:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+    return str(err.value)
 
 
 def diff_report(base: str, variant: str, tag: str | None = None) -> tuple[int, list[str]]:

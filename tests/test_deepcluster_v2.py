@@ -2,13 +2,14 @@
 end-to-end runs, exact resume (memory bank checkpointed), linear evaluation, bad input."""
 
 import argparse
+import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import assert_clean_error, load_checked, load_ckpt, read_log, run_script
+from conftest import DC_TINY, PRETRAINED, load_checked, load_ckpt, main_error, read_log, run_main
 
 from deepcluster_v2 import (
     LARS,
@@ -20,12 +21,6 @@ from deepcluster_v2 import (
     nearest_centroid,
     spherical_kmeans,
 )
-
-# resnet18 on 2 x 32 px + 2 x 16 px crops, 3 heads of 20 clusters, global batch 16: seconds on a CPU.
-DC_TINY = [
-    "-a", "resnet18", "-b", "16", "-j", "0", "--print-freq", "4", "--nmb-crops", "2", "2", "--size-crops", "32", "16",
-    "--nmb-prototypes", "20", "20", "20", "--feat-dim", "16", "--hidden-mlp", "64", "--warmup-epochs", "1",
-]  # fmt: skip
 
 
 def kmeans_data(n=240, dim=16, clusters=6, seed=0):
@@ -90,10 +85,8 @@ def test_faiss_and_torch_backends_agree(process_group):
     torch.testing.assert_close(c_f, c_t)
 
 
-def test_one_and_two_processes_agree(process_group, tmp_path):
-    out = tmp_path / "kmeans.pt"
-    run_script("tests/dist_check_dcluster.py", out, nproc=2)
-    two = torch.load(out, weights_only=True)
+def test_one_and_two_processes_agree(process_group, two_processes):
+    two = two_processes["kmeans"]
     x, ids = kmeans_data()
     for backend in ("faiss", "torch"):
         centroids, assign = spherical_kmeans(x, ids, K=12, iters=10, seed=3, backend=backend)
@@ -206,20 +199,23 @@ def check_checkpoint(path, epochs, nproc):
     return state
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_end_to_end_and_lincls(tiny_data, tmp_path, nproc):
-    out = tmp_path / "dc"
-    run_script("deepcluster_v2.py", tiny_data, *DC_TINY, "--epochs", 2, "--output-dir", out, nproc=nproc)
+def test_end_to_end(pretrained):
+    """One process, the device views: the log, the checkpoint with its memory bank and prototypes, the monitor."""
+    out = pretrained("deepcluster_v2.py")
     log = read_log(out)
     assert [r["epoch"] for r in log] == [1, 2]
     assert all(np.isfinite(r["train/loss"]) and r["train/loss"] > 0 for r in log)
-    check_checkpoint(out / "checkpoint.pth", epochs=2, nproc=nproc)
+    assert all(0 < r["train/largest_cluster"] <= 1 and r["train/embed_spread"] > 0 for r in log)
+    assert 0 <= log[-1]["knn/acc1"] <= 100
+    check_checkpoint(out / "checkpoint.pth", epochs=2, nproc=1)
 
-    lin = tmp_path / "lincls"
-    lin_args = ["-a", "resnet18", "--crop-size", "32", "-b", "16", "-j", "0", "--epochs", "1"]
-    run_script(
-        "lincls.py", tiny_data, *lin_args, "--pretrained", out / "checkpoint.pth", "--output-dir", lin, nproc=nproc
-    )
+
+def test_two_processes_end_to_end_and_lincls(two_processes):
+    """Two processes, the device views (tests/dist_checks.py), then lincls.py in two processes on the checkpoint."""
+    out, lin = two_processes["deepcluster_v2"], two_processes["lincls_deepcluster_v2"]
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [1, 2] and all(r["train/loss"] > 0 for r in log)
+    check_checkpoint(out / "checkpoint.pth", epochs=2, nproc=2)
     rec = read_log(lin)[-1]
     assert 0 <= rec["val/acc1"] <= 100 and rec["val/acc5"] >= rec["val/acc1"]
     trunk = load_ckpt(lin / "checkpoint.pth")["backbone"]
@@ -227,16 +223,15 @@ def test_end_to_end_and_lincls(tiny_data, tmp_path, nproc):
     assert all(torch.equal(trunk[k], v) for k, v in pretrained.items())
 
 
-def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
-    # A constant lr (no warm-up, cosine from --lr to --final-lr = --lr), so a 1-epoch run is the first epoch of
-    # the 2-epoch run; its latest checkpoint holds the memory bank, which kept copies leave out.
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = [tiny_data, *DC_TINY, "--warmup-epochs", 0, "--lr", 0.1, "--final-lr", 0.1]
-    run_script("deepcluster_v2.py", *args, "--epochs", 2, "--output-dir", full)
-    run_script("deepcluster_v2.py", *args, "--epochs", 1, "--output-dir", resumed)
+def test_resume_matches_uninterrupted_run(tiny_data, pretrained, tmp_path, capsys):
+    # The shared run has a constant lr (no warm-up, cosine from --lr to --final-lr = --lr), so a 1-epoch run is its
+    # first epoch; that run's latest checkpoint holds the memory bank, which kept copies leave out. Device views.
+    full, resumed = pretrained("deepcluster_v2.py"), tmp_path / "resumed"
+    args = [tiny_data, *PRETRAINED["deepcluster_v2.py"], "--views", "device"]
+    run_main("deepcluster_v2.py", *args, "--epochs", 1, "--output-dir", resumed)
     assert "memory" in load_ckpt(resumed / "checkpoint.pth")["extra"]
-    proc = run_script("deepcluster_v2.py", *args, "--epochs", 2, "--output-dir", resumed, "--resume")
-    assert "memory bank rebuilt" not in proc.stdout
+    run_main("deepcluster_v2.py", *args, "--epochs", 2, "--output-dir", resumed, "--resume")
+    assert "memory bank rebuilt" not in capsys.readouterr().out
     a, b = load_ckpt(full / "checkpoint.pth"), load_ckpt(resumed / "checkpoint.pth")
     assert b["epoch"] == 2
     for k, v in a["model"].items():  # trunk, head and the prototypes (the centroids of epoch 2)
@@ -249,10 +244,11 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     # A kept copy has no memory bank: resuming from it rebuilds the bank with a no-grad pass, and goes on.
     kept = load_ckpt(full / "checkpoint_0002.pth")
     assert "memory" not in kept["extra"] and all(torch.equal(v, a["model"][k]) for k, v in kept["model"].items())
-    proc = run_script(
-        "deepcluster_v2.py", *args, "--epochs", 3, "--output-dir", full, "--resume", full / "checkpoint_0002.pth"
+    shutil.copy(full / "checkpoint_0002.pth", tmp_path / "kept.pth")
+    run_main(
+        "deepcluster_v2.py", *args, "--epochs", 3, "--output-dir", tmp_path / "more", "--resume", tmp_path / "kept.pth"
     )
-    assert "memory bank rebuilt" in proc.stdout and read_log(full)[-1]["epoch"] == 3
+    assert "memory bank rebuilt" in capsys.readouterr().out and read_log(tmp_path / "more")[-1]["epoch"] == 3
 
 
 @pytest.mark.parametrize(
@@ -270,5 +266,4 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     ],
 )
 def test_bad_flags_are_one_line_errors(tiny_data, tmp_path, flags, message):
-    proc = run_script("deepcluster_v2.py", tiny_data, *DC_TINY, *flags, "--output-dir", tmp_path, check=False)
-    assert_clean_error(proc, message)
+    assert message in main_error("deepcluster_v2", tiny_data, *DC_TINY, *flags, "--output-dir", tmp_path)

@@ -1,37 +1,23 @@
-"""finetune.py: label subsets (SimCLR lists, the seeded draw), end to end on every pretraining script, diff budget."""
+"""finetune.py: label subsets (SimCLR lists, the seeded draw), end to end on both bases (one process and two), every
+method's checkpoint, diff budget."""
 
 import ast
 import os
-import shutil
 import subprocess
 from collections import Counter
 
 import pytest
 import torch
-from conftest import MOCO_TINY, ROOT, TINY, assert_clean_error, load_ckpt, read_log, run_script
+import torchvision
+from conftest import ROOT, TINY, load_ckpt, main_error, read_log, run_main
 
-from common import subsets
+from common import ckpt, subsets
 from common.data import ImageFolder
 
 # `diff lincls.py finetune.py | grep -c '^[<>]'`: 89 at first landing (docstring 18, flags 18, lr 10, data 4,
 # model/optimizer 9, the frozen-trunk check removed 17). Grow it only in a commit that says why.
 DIFF_BUDGET = 92
 
-# Each pretraining script with the flags that make one epoch take seconds on the tiny data set. Scripts not in
-# the repository yet are skipped; the flags of those are guesses from their issues (check them when they land).
-MOCO = MOCO_TINY
-CLUSTER = [
-    *("-a", "resnet18", "-b", 16, "-j", 0, "--print-freq", 4, "--nmb-crops", 2, 2, "--size-crops", 32, 16),
-    *("--nmb-prototypes", 16, 16, 16, "--feat-dim", 16, "--hidden-mlp", 64, "--warmup-epochs", 0),
-    *("--kmeans-backend", "torch"),
-]
-PRETRAINING = {
-    "moco_v2.py": MOCO,
-    "mochi.py": [*MOCO, "--mochi-n", 16, "--mochi-s", 8, "--mochi-s-prime", 4, "--mix-start-epoch", 0],
-    "hexa_moco.py": MOCO,
-    "deepcluster_v2.py": CLUSTER,
-    "hexa_dcluster.py": CLUSTER,
-}
 # 10 % of the 128 tiny training images is 12 (3 per class): batches of 4 so that 2 processes get whole batches.
 FT = [*TINY, "-b", 4]
 
@@ -101,32 +87,13 @@ def test_bad_subset_file_is_a_clear_error(tiny_data, tmp_path, lines, fragment):
     if lines is not None:
         path.write_text("".join(line + "\n" for line in lines))
     args = ["--subset-file", path, "--pretrained", tmp_path / "none.pth", "--output-dir", tmp_path / "out"]
-    assert_clean_error(run_script("finetune.py", tiny_data, *FT, *args, check=False), fragment)
+    assert fragment in main_error("finetune", tiny_data, *FT, *args)
 
 
 # ---------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module", params=sorted(PRETRAINING))
-def pretrained(request, tiny_data, tmp_path_factory):
-    """A one-epoch checkpoint of each pretraining script present in the repository."""
-    script = request.param
-    if not os.path.exists(os.path.join(ROOT, script)):
-        pytest.skip(f"{script} is not in the repository yet")
-    out = tmp_path_factory.mktemp(script.removesuffix(".py"))
-    run_script(script, tiny_data, *PRETRAINING[script], "--epochs", 1, "--output-dir", out)
-    yield out / "checkpoint.pth"
-    shutil.rmtree(out)
-
-
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_end_to_end(pretrained, tiny_data, tmp_path, nproc):
-    if nproc == 2 and load_ckpt(pretrained)["method"] != "moco_v2":
-        pytest.skip("2 processes: once, on moco_v2 (the loading code is the same for every method)")
-    out = tmp_path / "ft"
-    args = [tiny_data, *FT, "--epochs", 2, "--schedule", 1, "--pretrained", pretrained, "--output-dir", out]
-    proc = run_script("finetune.py", *args, nproc=nproc)
-    assert "note: the lr of this recipe is fixed (lr 0.01 at batch 256); --batch-size is 4" in proc.stdout
+def check_run(out, pretrained):
     log = read_log(out)
     assert [r["train/lr"] for r in log] == [0.01, pytest.approx(0.002)]  # 10 % recipe, x0.2 at epoch 1
     assert all(0 <= r["val/acc1"] <= r["val/acc5"] <= 100 for r in log)
@@ -136,15 +103,44 @@ def test_end_to_end(pretrained, tiny_data, tmp_path, nproc):
     changed = [k for k, v in before.items() if not torch.equal(state["backbone"][k], v)]
     assert "conv1.weight" in changed and "layer4.1.conv2.weight" in changed  # the trunk is fine-tuned
     assert "bn1.running_mean" in changed  # in train mode: BatchNorm statistics update
-    # subset.txt: the seeded draw, the same for any number of processes
+    return log
+
+
+def seeded_draw(tiny_data):
     train = ImageFolder(os.path.join(tiny_data, "train"))
-    expected = [os.path.basename(train.samples[i][0]) for i in subsets.balanced(train.targets, 10, seed=0)]
-    assert (out / "subset.txt").read_text().splitlines() == expected
-    if nproc == 1:  # ... which, given back as --subset-file, repeats the run
+    return [os.path.basename(train.samples[i][0]) for i in subsets.balanced(train.targets, 10, seed=0)]
+
+
+@pytest.mark.parametrize("script", ["moco_v2.py", "deepcluster_v2.py"])
+def test_end_to_end(pretrained, tiny_data, tmp_path, capsys, script):
+    """One process on each base's shared run; a subset file written by a run repeats it."""
+    checkpoint, out = pretrained(script) / "checkpoint.pth", tmp_path / "ft"
+    args = [tiny_data, *FT, "--epochs", 2, "--schedule", 1, "--pretrained", checkpoint, "--output-dir", out]
+    run_main("finetune.py", *args)
+    assert "note: the lr of this recipe is fixed (lr 0.01 at batch 256); --batch-size is 4" in capsys.readouterr().out
+    log = check_run(out, checkpoint)
+    assert (out / "subset.txt").read_text().splitlines() == seeded_draw(tiny_data)
+    if script == "moco_v2.py":  # the list, given back as --subset-file, repeats the run
         again = tmp_path / "again"
-        run_script("finetune.py", *args[:-1], again, "--epochs", 1, "--subset-file", out / "subset.txt")
+        run_main("finetune.py", *args[:-1], again, "--epochs", 1, "--subset-file", out / "subset.txt")
         assert (again / "subset.txt").read_text() == (out / "subset.txt").read_text()
         assert read_log(again)[0]["train/loss"] == pytest.approx(log[0]["train/loss"])
+
+
+def test_two_processes_end_to_end(tiny_data, two_processes):
+    """Two processes (tests/dist_checks.py) on the two-process MoCo v2 run: the same seeded draw as one process."""
+    out = two_processes["finetune_moco_v2"]
+    check_run(out, two_processes["moco_v2"] / "checkpoint.pth")
+    assert (out / "subset.txt").read_text().splitlines() == seeded_draw(tiny_data)
+
+
+@pytest.mark.parametrize("script", ["mochi.py", "hexa_moco.py", "hexa_dcluster.py"])
+def test_every_method_checkpoint_loads(pretrained, script):
+    """The variants' checkpoints give finetune.py (and lincls.py) the trunk the same way: ckpt.load_trunk, strict."""
+    state = ckpt.load_trunk(str(pretrained(script) / "checkpoint.pth"), "resnet18")
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Identity()
+    model.load_state_dict(state, strict=True)
 
 
 # ---------------------------------------------------------------- the diff against lincls.py

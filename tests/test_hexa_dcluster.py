@@ -9,15 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
-    assert_clean_error,
+    DC_TINY,
     assert_harmless_attack,
     diff_report,
     load_checked,
+    main_error,
     read_log,
-    run_script,
     snapshot,
 )
-from test_deepcluster_v2 import DC_TINY
 from torch.nn.parallel import DistributedDataParallel
 
 import deepcluster_v2
@@ -162,10 +161,7 @@ def test_cut_mixed_loss_and_memory_by_hand(process_group):
         torch.testing.assert_close(memory[1][j], z[j * B : (j + 1) * B])
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_end_to_end_and_lincls(tiny_data, tmp_path, nproc):
-    out = tmp_path / "hexa"
-    run_script("hexa_dcluster.py", tiny_data, *DC_TINY, "--epochs", 2, "--output-dir", out, nproc=nproc)
+def check_run(out):
     log = read_log(out)
     assert [r["epoch"] for r in log] == [1, 2]
     for r in log:
@@ -175,11 +171,14 @@ def test_end_to_end_and_lincls(tiny_data, tmp_path, nproc):
     memory = state["extra"]["memory"]  # the clean crops only: 128 images, 2 banks of unit rows
     assert sorted(memory["index"].tolist()) == list(range(128)) and memory["embeddings"].shape == (2, 128, 16)
     torch.testing.assert_close(memory["embeddings"].norm(dim=2), torch.ones(2, 128))
-    if nproc == 2:  # linear evaluation once, on the two-process checkpoint
-        lin = tmp_path / "lincls"
-        lin_args = ["-a", "resnet18", "--crop-size", "32", "-b", "16", "-j", "0", "--epochs", "1"]
-        run_script("lincls.py", tiny_data, *lin_args, "--pretrained", out / "checkpoint.pth", "--output-dir", lin)
-        assert 0 <= read_log(lin)[-1]["val/acc1"] <= 100
+
+
+def test_end_to_end(pretrained):
+    check_run(pretrained("hexa_dcluster.py"))
+
+
+def test_two_processes_end_to_end(two_processes):
+    check_run(two_processes["hexa_dcluster"])  # tests/dist_checks.py
 
 
 @pytest.mark.parametrize(
@@ -190,8 +189,7 @@ def test_end_to_end_and_lincls(tiny_data, tmp_path, nproc):
     ],
 )
 def test_bad_flags_are_one_line_errors(tiny_data, tmp_path, flags, message):
-    proc = run_script("hexa_dcluster.py", tiny_data, *DC_TINY, *flags, "--output-dir", tmp_path, check=False)
-    assert_clean_error(proc, message)
+    assert message in main_error("hexa_dcluster", tiny_data, *DC_TINY, *flags, "--output-dir", tmp_path)
 
 
 def test_diff_against_deepcluster_v2_is_small_and_tagged():

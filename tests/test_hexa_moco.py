@@ -2,7 +2,6 @@
 reduction to MoCo v2 at zero weights, end-to-end runs with linear evaluation, and the diff against moco_v2.py."""
 
 import ast
-import json
 import os
 
 import pytest
@@ -11,13 +10,11 @@ import torch.nn.functional as F
 from conftest import (
     MOCO_TINY,
     ROOT,
-    TINY,
-    assert_clean_error,
     assert_harmless_attack,
     diff_report,
     load_checked,
+    main_error,
     read_log,
-    run_script,
     snapshot,
 )
 from torch.nn.parallel import DistributedDataParallel
@@ -118,75 +115,15 @@ def test_zero_weights_is_moco_v2(process_group):
     assert stats["train/hexa/mix_loss"] > 0
 
 
-DIST_CHECK = """
-import json, sys
-import torch
-import torch.nn.functional as F
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-from torch.nn.parallel import DistributedDataParallel
-from common import dist
-from hexa_moco import MoCo, adversarial_view, cutmix
-
-def check():
-    torch.manual_seed(0)
-    model = DistributedDataParallel(MoCo("resnet18", dim=8, K=16, m=0.99, T=0.2))
-    moco = model.module
-    reductions = []
-    model.register_comm_hook(None, lambda state, bucket: reductions.append(1) or allreduce_hook(None, bucket))
-    optimizer = torch.optim.SGD(model.parameters(), 0.1)
-    torch.manual_seed(100 + dist.rank())  # different images on each process
-    result = {"grad_none_after_attack": [], "reductions_after_attack": [], "grads_equal": [], "losses": []}
-    for step in range(2):
-        im_q, im_k = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
-        k = moco.keys(im_k)
-        zeros = torch.zeros(4, dtype=torch.long)
-        loss_fn = lambda x: F.cross_entropy(moco.contrast(F.normalize(moco.encoder_q(x).float(), dim=1), k), zeros)
-        n = len(reductions)
-        im_adv = adversarial_view(moco.encoder_q, loss_fn, im_q, 2 / 255, 2 / 255, 2)
-        result["reductions_after_attack"].append(len(reductions) - n)
-        result["grad_none_after_attack"].append(all(p.grad is None for p in model.parameters()))
-        im_mix, partner, lam = cutmix(im_q)
-        logits, labels, hard = model(im_q, k, im_adv, im_mix, partner)
-        loss = F.cross_entropy(logits, labels) + F.cross_entropy(hard["adv"], labels)
-        mix = [F.cross_entropy(logits_mix, labels) for logits_mix in hard["mix"]]
-        loss = loss + lam * mix[0] + (1 - lam) * mix[1]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        grads = torch.cat([p.grad.flatten() for p in moco.encoder_q.parameters()])
-        result["grads_equal"].append(torch.equal(*dist.concat_all_gather(grads[None])))
-        result["losses"].append(loss.item())
-        optimizer.zero_grad(set_to_none=True)
-    result["reductions"] = len(reductions)
-    result["queue_ptr"] = int(moco.queue_ptr)
-    result["queue_equal"] = torch.equal(*dist.concat_all_gather(moco.queue[None]))
-    return result
-
-
-dist.init_distributed("cpu")
-result = check()  # frees the DDP model and its Python comm hook now, not at interpreter exit (gloo aborts there)
-if dist.is_main():
-    with open(sys.argv[1], "w") as f:
-        json.dump(result, f)
-dist.cleanup()
-"""
-
-
-def test_two_processes_attack_does_not_all_reduce(tmp_path):
-    script, out = tmp_path / "dist_check_hexa.py", tmp_path / "dist.json"
-    script.write_text(DIST_CHECK)
-    run_script(script, out, nproc=2)
-    result = json.loads(out.read_text())
+def test_two_processes_attack_does_not_all_reduce(two_processes):
+    result = two_processes["attack"]
     assert result["reductions_after_attack"] == [0, 0] and result["grad_none_after_attack"] == [True, True]
     assert result["reductions"] > 0 and result["grads_equal"] == [True, True]  # the training step still syncs
     assert result["queue_ptr"] == 2 * 8 % 16 and result["queue_equal"]  # clean keys only, once per step
     assert all(torch.isfinite(torch.tensor(result["losses"])))
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_end_to_end_and_lincls(tiny_data, tmp_path, nproc):
-    out = tmp_path / "hexa"
-    run_script("hexa_moco.py", tiny_data, *MOCO_TINY, "--epochs", 2, "--output-dir", out, nproc=nproc)
+def check_run(out):
     log = read_log(out)
     assert [r["epoch"] for r in log] == [1, 2]
     for r in log:
@@ -194,17 +131,20 @@ def test_end_to_end_and_lincls(tiny_data, tmp_path, nproc):
         assert torch.isfinite(losses).all() and (losses > 0).all()
     state = load_checked(out / "checkpoint.pth", "hexa_moco", 2)
     assert int(state["model"]["queue_ptr"]) == (2 * 8 * 16) % 64  # one enqueue of the clean keys per step
-    if nproc == 2:  # linear evaluation once, on the two-process checkpoint
-        lin = tmp_path / "lincls"
-        args = [tiny_data, *TINY, "--epochs", 1, "--pretrained", out / "checkpoint.pth", "--output-dir", lin]
-        run_script("lincls.py", *args)
-        rec = read_log(lin)[-1]
-        assert 0 <= rec["val/acc1"] <= 100
+
+
+def test_end_to_end(pretrained):
+    check_run(pretrained("hexa_moco.py"))
+
+
+def test_two_processes_end_to_end(two_processes):
+    check_run(two_processes["hexa_moco"])  # tests/dist_checks.py
 
 
 def test_bad_flags_are_one_line_errors(tiny_data, tmp_path):
-    proc = run_script("hexa_moco.py", tiny_data, *MOCO_TINY, "--adv-eps", -1, "--output-dir", tmp_path, check=False)
-    assert_clean_error(proc, "must not be negative")
+    assert "must not be negative" in main_error(
+        "hexa_moco", tiny_data, *MOCO_TINY, "--adv-eps", -1, "--output-dir", tmp_path
+    )
 
 
 def test_diff_against_moco_v2_is_small_and_tagged():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torchvision
-from conftest import TINY, read_log, run_script
+from conftest import TINY, load_ckpt, read_log, run_main
 
 from common.ckpt import load_trunk
 from common.cli import UserError
@@ -58,28 +58,28 @@ def test_extra_or_missing_keys_are_errors(tmp_path):
         load_trunk(str(tmp_path / "missing.pth"), "resnet18")
 
 
-def test_swav_recipe_and_public_checkpoint_end_to_end(tiny_data, tmp_path):
+def test_swav_recipe_and_public_checkpoint_end_to_end(tiny_data, tmp_path, capsys):
     trunk = trunk_state(1)
     torch.save({"state_dict": {f"module.{k}": v for k, v in trunk.items()}}, tmp_path / "swav.pth")
     out = tmp_path / "lin"
-    proc = run_script(
-        "lincls.py",
-        tiny_data,
-        *TINY,
-        "--epochs",
-        2,
-        "--recipe",
-        "swav",
-        "--pretrained",
-        tmp_path / "swav.pth",
-        "--output-dir",
-        out,
-    )
+    args = ["--epochs", 2, "--recipe", "swav", "--pretrained", tmp_path / "swav.pth", "--output-dir", out]
+    run_main("lincls.py", tiny_data, *TINY, *args)
     log = read_log(out)
     assert [r["train/lr"] for r in log] == [0.3, pytest.approx(0.15)]  # cosine over 2 epochs
-    assert "note: the lr of this recipe is fixed (lr 0.3 at batch 256); --batch-size is 16" in proc.stdout
+    assert "note: the lr of this recipe is fixed (lr 0.3 at batch 256); --batch-size is 16" in capsys.readouterr().out
     state = torch.load(out / "checkpoint.pth", weights_only=True)
     assert state["args"]["wd"] == 1e-6 and all(torch.equal(state["backbone"][k], trunk[k]) for k in trunk)
     # --evaluate on the result reproduces the last validation accuracy
-    proc = run_script("lincls.py", tiny_data, *TINY, "--resume", out / "checkpoint.pth", "--output-dir", out, "-e")
-    assert f"val/acc1 {log[-1]['val/acc1']:.3f}" in proc.stdout
+    stats = run_main("lincls.py", tiny_data, *TINY, "--resume", out / "checkpoint.pth", "--output-dir", out, "-e")
+    assert f"val/acc1 {log[-1]['val/acc1']:.3f}" in capsys.readouterr().out
+    assert stats["val/acc1"] == pytest.approx(log[-1]["val/acc1"])
+
+
+def test_moco_v2_checkpoint_end_to_end(tiny_data, pretrained, tmp_path):
+    """One process on the shared MoCo v2 run's checkpoint: the trunk stays frozen, BatchNorm statistics included."""
+    out, moco = tmp_path / "lin", pretrained("moco_v2.py") / "checkpoint.pth"
+    run_main("lincls.py", tiny_data, *TINY, "--epochs", 1, "--pretrained", moco, "--output-dir", out)
+    rec = read_log(out)[-1]
+    assert 0 <= rec["val/acc1"] <= rec["val/acc5"] <= 100
+    trunk, before = load_ckpt(out / "checkpoint.pth")["backbone"], load_ckpt(moco)["backbone"]
+    assert all(torch.equal(trunk[k], v) for k, v in before.items())

@@ -6,13 +6,14 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, assert_clean_error, diff_report, load_checked, read_log, run_script
+from conftest import PRETRAINED, diff_report, load_checked, main_error, read_log
 
 import mochi
 import moco_v2
 
 K, DIM, H, S1, S2 = 32, 8, 5, 6, 3  # queue, feature dim, MoCHi(N, s, s') small enough to check by brute force
-DIFF_BUDGET = 70  # changed lines in `diff moco_v2.py mochi.py`: 63 at landing; grow it only with a reason
+DIFF_BUDGET = 78  # changed lines in `diff moco_v2.py mochi.py`: 63 at landing; 73 with train/acc1 over the real
+# candidates and mochi/acc1_all over all of them (the documented names). Grow it only with a reason.
 
 
 def test_diff_budget_and_tags():
@@ -110,26 +111,9 @@ def test_no_mixing_is_exactly_moco_v2(process_group, kw, mix):
     assert torch.equal(F.cross_entropy(logits, labels), loss_b)
 
 
-MOCHI_TINY = [
-    "--moco-k",
-    64,
-    "--bn-group-size",
-    8,
-    "--mochi-n",
-    16,
-    "--mochi-s",
-    8,
-    "--mochi-s-prime",
-    4,
-    "--mix-start-epoch",
-    1,
-]
-
-
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_end_to_end_and_lincls(tiny_data, tmp_path, nproc):
-    out = tmp_path / "mochi"
-    run_script("mochi.py", tiny_data, *TINY, *MOCHI_TINY, "--epochs", 2, "--output-dir", out, nproc=nproc)
+def test_end_to_end(pretrained):
+    """One process, the device views, mixing from epoch 1 (PRETRAINED in conftest.py)."""
+    out = pretrained("mochi.py")
     log = read_log(out)
     assert [r["epoch"] for r in log] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) and r["train/loss"] > 0 for r in log)
@@ -140,13 +124,14 @@ def test_end_to_end_and_lincls(tiny_data, tmp_path, nproc):
     assert state["args"]["mochi_s_prime"] == 4
     assert int(state["model"]["queue_ptr"]) == (2 * 8 * 16) % 64
 
-    lin = tmp_path / "lincls"
-    run_script(
-        "lincls.py", tiny_data, *TINY, "--epochs", 1, "--pretrained", out / "checkpoint.pth", "--output-dir", lin
-    )
-    assert 0 <= read_log(lin)[-1]["val/acc1"] <= 100
+
+def test_two_processes_end_to_end(two_processes):
+    out = two_processes["mochi"]  # tests/dist_checks.py
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [1, 2] and all(r["train/loss"] > 0 for r in log)
+    assert int(load_checked(out / "checkpoint.pth", "mochi", 2)["model"]["queue_ptr"]) == (2 * 8 * 16) % 64
 
 
 def test_hard_set_larger_than_queue_is_an_error(tiny_data, tmp_path):
-    proc = run_script("mochi.py", tiny_data, *TINY, *MOCHI_TINY, "--mochi-n", 65, "--output-dir", tmp_path, check=False)
-    assert_clean_error(proc, "1 <= --mochi-n <= --moco-k 64")
+    message = main_error("mochi", tiny_data, *PRETRAINED["mochi.py"], "--mochi-n", 65, "--output-dir", tmp_path)
+    assert "1 <= --mochi-n <= --moco-k 64" in message

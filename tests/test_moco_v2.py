@@ -1,4 +1,5 @@
-"""MoCo v2: queue, momentum update, shuffle-BN, end-to-end runs, exact resume, linear evaluation."""
+"""MoCo v2: queue, momentum update, shuffle-BN and BatchNorm groups, end-to-end runs (one process and two, the
+device views), exact resume (both view pipelines), linear evaluation, bad flags."""
 
 import os
 import shutil
@@ -6,7 +7,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MOCO_TINY, TINY, assert_clean_error, load_checked, load_ckpt, read_log, run_script
+from conftest import MOCO_TINY, PRETRAINED, load_checked, load_ckpt, main_error, read_log, run_main
 
 from moco_v2 import MoCo, SplitBatchNorm2d
 
@@ -83,14 +84,13 @@ def test_split_batchnorm_is_batchnorm_per_group():
         split.train()(x[:10])
 
 
-def test_one_process_in_groups_trains_as_two_processes(process_group, tmp_path):
+def test_one_process_in_groups_trains_as_two_processes(process_group, two_processes):
     """The equivalence that makes one GPU train the 8-GPU method: 1 process x 2 BatchNorm groups of 8 gives the
     first step's logits, loss, updated weights and queue of 2 processes x 8 images (fp32 on the CPU: equal up to
     the order of the gradient sums: atol 1e-5 on logits and loss, 5e-5 on the weights after a step of lr 0.5)."""
-    from dist_check_splitbn import first_step
+    from dist_checks import first_step
 
-    run_script("tests/dist_check_splitbn.py", tmp_path / "two.pt", nproc=2)
-    two, one = torch.load(tmp_path / "two.pt", weights_only=True), first_step(bn_group_size=8)
+    two, one = two_processes["split_batchnorm"], first_step(bn_group_size=8)
     torch.testing.assert_close(one["logits"], two["logits"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(one["loss"], two["loss"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(one["queue"], two["queue"], atol=1e-6, rtol=1e-5)
@@ -128,12 +128,8 @@ def test_forward_logits_labels(process_group):
     assert int(model.queue_ptr) == 4
 
 
-def test_two_processes_shuffle_and_queue(tmp_path):
-    out = tmp_path / "dist.json"
-    run_script("tests/dist_check_moco.py", out, nproc=2)
-    import json
-
-    result = json.loads(out.read_text())
+def test_two_processes_shuffle_and_queue(two_processes):
+    result = two_processes["moco"]
     assert result["unshuffle_identity"] and result["keys_match_unshuffled"]
     assert result["queue_equal_across_ranks"] and result["queue_ptr"] == [8, 8]
     assert result["slices_mix_ranks"]
@@ -147,28 +143,23 @@ def check_checkpoint(path, epochs, steps, K=64, batch=16):
     return state
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_end_to_end_and_lincls(tiny_data, tmp_path, nproc):
-    out = tmp_path / "moco"
-    run_script("moco_v2.py", tiny_data, *MOCO_TINY, "--epochs", 2, "--output-dir", out, nproc=nproc)
+def test_end_to_end(pretrained):
+    """One process, the device views: the log, the checkpoint schema and queue pointer, the kNN monitor."""
+    out = pretrained("moco_v2.py")
     log = read_log(out)
     assert [r["epoch"] for r in log] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) and r["train/loss"] > 0 for r in log)
+    assert all(0 < r["train/embed_spread"] <= 1.5 for r in log)
+    assert all(0 <= r["knn/acc1"] <= 100 and r["knn/s"] > 0 for r in log)  # --knn-every 1
     check_checkpoint(out / "checkpoint.pth", epochs=2, steps=128 // 16)
 
-    lin = tmp_path / "lincls"
-    run_script(
-        "lincls.py",
-        tiny_data,
-        *TINY,
-        "--epochs",
-        1,
-        "--pretrained",
-        out / "checkpoint.pth",
-        "--output-dir",
-        lin,
-        nproc=nproc,
-    )
+
+def test_two_processes_end_to_end_and_lincls(two_processes):
+    """Two processes, the device views (tests/dist_checks.py), then lincls.py in two processes on the checkpoint."""
+    out, lin = two_processes["moco_v2"], two_processes["lincls_moco_v2"]
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [1, 2] and all(r["train/loss"] > 0 for r in log)
+    check_checkpoint(out / "checkpoint.pth", epochs=2, steps=128 // 16)
     rec = read_log(lin)[-1]
     assert 0 <= rec["val/acc1"] <= 100 and rec["val/acc5"] >= rec["val/acc1"]
     trunk = load_ckpt(lin / "checkpoint.pth")["backbone"]
@@ -176,13 +167,22 @@ def test_end_to_end_and_lincls(tiny_data, tmp_path, nproc):
     assert all(torch.equal(trunk[k], v) for k, v in pretrained.items())  # frozen, BN statistics included
 
 
-def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = [tiny_data, *MOCO_TINY, "-j", 1, "--epochs", 2, "--save-freq", 1]
-    run_script("moco_v2.py", *args, "--output-dir", full)
+@pytest.mark.parametrize("views", ["pil", "device"])
+def test_resume_matches_uninterrupted_run(tiny_data, pretrained, tmp_path, views):
+    """A run resumed from its epoch-1 checkpoint ends bit for bit where the uninterrupted run ends. Pillow views with
+    a loader worker (its seed comes from the restored RNG), and the device views (drawn in this process). The shared
+    device run calls the kNN monitor after each epoch, the resumed run does not (--knn-every 0): that they still end
+    alike shows that the monitor leaves training as it was."""
+    if views == "device":
+        full = pretrained("moco_v2.py")
+        args = [tiny_data, *PRETRAINED["moco_v2.py"], "--views", "device", "--knn-every", 0]
+    else:
+        full, args = tmp_path / "full", [tiny_data, *MOCO_TINY, "-j", 1, "--save-freq", 1, "--views", "pil"]
+        run_main("moco_v2.py", *args, "--epochs", 2, "--output-dir", full)
+    resumed = tmp_path / "resumed"
     os.makedirs(resumed)
     shutil.copy(full / "checkpoint_0001.pth", resumed / "epoch1.pth")  # the run as it was after epoch 1
-    run_script("moco_v2.py", *args, "--output-dir", resumed, "--resume", resumed / "epoch1.pth")
+    run_main("moco_v2.py", *args, "--epochs", 2, "--output-dir", resumed, "--resume", resumed / "epoch1.pth")
     a, b = load_ckpt(full / "checkpoint.pth"), load_ckpt(resumed / "checkpoint.pth")
     assert load_ckpt(resumed / "epoch1.pth")["epoch"] == 1 and b["epoch"] == 2
     assert [r["epoch"] for r in read_log(resumed)] == [2]  # only the second epoch ran again
@@ -201,5 +201,4 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     ],
 )
 def test_queue_or_groups_not_dividing_the_batch_is_an_error(tiny_data, tmp_path, flags, message):
-    proc = run_script("moco_v2.py", tiny_data, *MOCO_TINY, *flags, "--output-dir", tmp_path, check=False)
-    assert_clean_error(proc, message)
+    assert message in main_error("moco_v2", tiny_data, *MOCO_TINY, *flags, "--output-dir", tmp_path)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import run_script, snapshot
+from conftest import snapshot
 
 from common.cli import UserError
 from common.monitor import (
@@ -83,7 +83,7 @@ def test_trunk_features_skip_fc():
         torch.testing.assert_close(trunk_features(model, x), plain(x))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def monitor(tiny_data, process_group):
     return KNNMonitor(tiny_data, device=torch.device("cpu"), **MONITOR)
 
@@ -145,20 +145,16 @@ def test_monitor_loaders_do_not_draw_from_the_global_rng(monitor):
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_monitor_one_and_two_processes_agree(tiny_data, monitor, tmp_path):
+def test_monitor_one_and_two_processes_agree(tiny_data, monitor, two_processes):
     torch.manual_seed(0)
-    trunk = torchvision.models.resnet18()  # as dist_check_monitor.py builds it
+    trunk = torchvision.models.resnet18()  # as check_monitor in tests/dist_checks.py builds it
     one = monitor(trunk)
     with torch.no_grad():
         memory = F.normalize(trunk_features(trunk.eval(), torch.stack([x for x, _ in monitor.train_set])), dim=1)
-    run_script("tests/dist_check_monitor.py", tiny_data, tmp_path / "two.pt", nproc=2)
-    two = torch.load(tmp_path / "two.pt")
+    two = two_processes["monitor"]
     assert two["stats"]["knn/acc1"] == one["knn/acc1"]
     torch.testing.assert_close(two["memory"], memory, atol=1e-5, rtol=1e-4)  # every image once, in dataset order
     assert two["n_val"] == len(monitor.val_set)
-
-
-# ============ warnings ============
 
 
 def test_loss_warning(capsys):

@@ -21,6 +21,10 @@ SHARED = ["--arch", "--batch-size", "--momentum", "--workers", "--seed", "--devi
           "--resume", "--save-freq", "--print-freq"]  # fmt: skip
 
 
+# Flags every pretraining script has, with one meaning.
+PRETRAINING_SHARED = ["--views", "--knn-every"]
+
+
 def actions(name):
     parser = importlib.import_module(name).get_args_parser()
     return {next((o for o in a.option_strings if o.startswith("--")), a.dest): a for a in parser._actions}
@@ -44,6 +48,15 @@ def test_shared_flags_read_the_same(name):
         assert a.option_strings == b.option_strings and type(a) is type(b), flag
         if flag not in ("--batch-size", "--momentum", "--output-dir"):  # their defaults differ by script
             assert a.help == b.help and a.default == b.default, flag
+
+
+@pytest.mark.parametrize("name", ["mochi", "hexa_moco", "deepcluster_v2", "hexa_dcluster"])
+def test_pretraining_flags_read_the_same(name):
+    ref, flags = actions("moco_v2"), actions(name)
+    for flag in PRETRAINING_SHARED:
+        a, b = ref[flag], flags[flag]
+        assert a.option_strings == b.option_strings and a.help == b.help and a.default == b.default, flag
+        assert a.choices == b.choices, flag
 
 
 def test_readme_shows_the_latest_benchmarks():
