@@ -10,15 +10,18 @@ Base: deepcluster_v2.py; every block that differs is tagged `# HEXA:`. Deltas:
   2. Cut-mixed view: CutMix of the large crops with a partner image of the batch (one box for all the large crops
      of an image), lambda = the exact fraction of own pixels; loss lambda * l(own assignment) + (1 - lambda) *
      l(partner's assignment), per head (cutmix).
-  3. The hard views follow the large crops in the one DDP forward of the step, so they share the large crops'
-     trunk pass (one BN batch); the clean rows give the base's loss and memory update. Loss = clean +
-     --adv-weight * adversarial + --mix-weight * cut-mixed; a weight of 0 skips its computation.
+  3. The hard views go through the one DDP forward of the step, their BatchNorm batches per --hard-bn: "shared"
+     (default), in the large crops' trunk pass; "own", trunk and head passes of their own; "separate", those,
+     leaving the running statistics to the clean crops. The clean rows give the base's loss and memory update.
+     Loss = clean + s * (--adv-weight * adversarial + --mix-weight * cut-mixed), s = 1 (--hard-scale view: a hard
+     kind weighs as all the clean crops) or V0 / V (crop: a hard crop as a clean one); a weight of 0 skips it.
 
     python hexa_dcluster.py DATA                          # one process: one GPU, or the CPU for debugging
     torchrun --nproc_per_node=8 hexa_dcluster.py DATA     # one node, 8 GPUs, global batch 4096 (published: 64 x 64)
 """
 
 import argparse
+import contextlib  # HEXA: buffers_kept
 import functools
 import itertools
 import math
@@ -85,6 +88,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--adv-steps", type=int, default=1, help="attack (PGD) steps (default 1)")
     p.add_argument("--adv-random-start", action=argparse.BooleanOptionalAction, default=False, help="PGD random start")
     p.add_argument("--mix-weight", type=float, default=1.0, help="cut-mixed views' loss weight; 0: no CutMix")
+    p.add_argument("--hard-bn", default="shared", choices=["shared", "own", "separate"], help="hard views' BN (shared)")
+    p.add_argument("--hard-scale", default="view", choices=["view", "crop"], help="a hard kind weighs all clean crops")
     return p
 
 
@@ -121,14 +126,26 @@ class DeepClusterV2(nn.Module):
         with torch.autocast(z.device.type, enabled=False):  # scores in fp32, also under bf16 autocast
             return z, [head(z) for head in self.prototypes]
 
-    def forward(self, crops):
+    def forward(self, crops, hard=(), hard_bn="shared"):  # HEXA: + the hard views, their BatchNorm batches
         """crops: a list of V crop batches (b x 3 x s_v x s_v), grouped by resolution. Consecutive crops of the same
         size go through the trunk together (trunk BN statistics per resolution); the head runs once on all of them.
         Row v*b + i of the outputs is crop v of image i."""
+        # HEXA: hard: batches of hard views of the first resolution; their rows follow the V*b clean rows. hard_bn
+        # "shared": they join the large crops' trunk pass and the head's pass; "own": trunk and head passes of their
+        # own; "separate": those, leaving the BatchNorm running statistics as they were.
         if isinstance(crops, torch.Tensor):
             crops = [crops]
-        feats = [self.backbone(torch.cat(list(group))) for _, group in itertools.groupby(crops, lambda c: c.shape[-1])]
-        return self.forward_head(torch.cat(feats))  # V*b x d in, (z, scores) out
+        groups = [torch.cat(list(group)) for _, group in itertools.groupby(crops, lambda c: c.shape[-1])]  # HEXA
+        if hard and hard_bn == "shared":  # HEXA: in the large crops' trunk pass (one BatchNorm batch)
+            first = self.backbone(torch.cat([groups[0], *hard]))
+            n0 = len(groups[0])
+            return self.forward_head(torch.cat([first[:n0], *[self.backbone(x) for x in groups[1:]], first[n0:]]))
+        z, scores = self.forward_head(torch.cat([self.backbone(x) for x in groups]))  # V*b x d in, (z, scores) out
+        if not hard:  # HEXA: else the hard views' own passes, their rows after the clean ones
+            return z, scores
+        with buffers_kept(self) if hard_bn == "separate" else contextlib.nullcontext():
+            z_hard, scores_hard = self.forward_head(self.backbone(torch.cat(hard)))
+        return torch.cat([z, z_hard]), [torch.cat(pair) for pair in zip(scores, scores_hard)]
 
 
 # ============ memory bank and k-means ============
@@ -263,28 +280,44 @@ def deepcluster_loss(scores, targets, temperature):
     return loss / len(scores)
 
 
-# HEXA: the two hard-example generators, the same text in hexa_dcluster.py
+# HEXA: the hard-example generators and two helpers, the same text in hexa_dcluster.py
+@functools.cache
+def pixel_stats(device: torch.device) -> tuple:
+    """MEAN and STD as 1 x 3 x 1 x 1 tensors on `device`, made once (a host-to-device copy waits for the GPU)."""
+    return torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1)
+
+
+@contextlib.contextmanager
+def buffers_kept(module):
+    """On leaving, the module's buffers (BatchNorm running statistics, num_batches_tracked) are as on entering:
+    what runs inside uses BatchNorm in the module's mode (train: batch statistics) and leaves no trace in them."""
+    saved = [b.clone() for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(module.buffers(), saved):
+                b.copy_(s)
+
+
 def adversarial_view(model, loss_fn, images, eps, step, steps, random_start=False):
     """PGD (Madry et al.) under an L-inf budget in [0, 1] pixel space: `steps` signed-gradient ascent steps of
     size `step` on loss_fn, each projected onto the eps-ball around the clean pixels and the valid range.
 
-    model: the module loss_fn runs; its buffers (BatchNorm running statistics, num_batches_tracked) are restored
-    afterwards, so the attack runs BatchNorm in the caller's mode (train: batch statistics) and changes nothing.
+    model: the module loss_fn runs; its buffers are restored afterwards (buffers_kept), so the attack runs BatchNorm
+    in the caller's mode (train: batch statistics) and changes nothing.
     loss_fn: normalised images N x 3 x H x W -> scalar loss to maximise. Only the input gradient is computed
     (torch.autograd.grad): no parameter .grad, so no DDP all-reduce when called outside DDP's forward.
     images: N x 3 x H x W, normalised with MEAN/STD. Returns the adversarial images, normalised, detached.
     """
-    mean, std = images.new_tensor(MEAN).view(1, 3, 1, 1), images.new_tensor(STD).view(1, 3, 1, 1)
+    mean, std = pixel_stats(images.device)
     x0 = images.detach() * std + mean  # clean pixels in [0, 1]: N x 3 x H x W
     x = x0 + torch.empty_like(x0).uniform_(-eps, eps) if random_start else x0
-    buffers = [b.clone() for b in model.buffers()]
-    for _ in range(steps):
-        x = x.clamp(0, 1).requires_grad_()
-        (grad,) = torch.autograd.grad(loss_fn((x - mean) / std), x)
-        x = torch.minimum(torch.maximum(x.detach() + step * grad.sign(), x0 - eps), x0 + eps)
-    with torch.no_grad():
-        for b, saved in zip(model.buffers(), buffers):
-            b.copy_(saved)
+    with buffers_kept(model):
+        for _ in range(steps):
+            x = x.clamp(0, 1).requires_grad_()
+            (grad,) = torch.autograd.grad(loss_fn((x - mean) / std), x)
+            x = torch.minimum(torch.maximum(x.detach() + step * grad.sign(), x0 - eps), x0 + eps)
     return ((x.clamp(0, 1) - mean) / std).detach()
 
 
@@ -380,22 +413,22 @@ def train_one_epoch(model, loader, optimizer, schedule, memory, assignments, epo
             if args.mix_weight > 0:  # an image's V0 large crops as channels: one partner image, one box for all
                 mixed, partner, lam = cutmix(torch.cat(images[:n0], dim=1))  # b x 3*V0 x s0 x s0, partner b
                 hard.append(torch.cat(mixed.split(3, dim=1)).contiguous(memory_format=fmt))  # V0*b x 3 x s0 x s0
-            z, scores = model(images[:n0] + hard + images[n0:])  # right after the large crops: their trunk pass
+            z, scores = model(images, hard, args.hard_bn)  # HEXA: + the hard views' rows after the V*b clean ones
             if hard:  # HEXA: the hard views' rows out: z and scores are the clean crops' (V*b rows) as in the base
-                n_large, end = n0 * b, (1 + len(hard)) * n0 * b  # the hard views are rows n_large .. end - 1
-                hard_scores = [s[n_large:end] for s in scores]  # [len(hard)*V0*b x K_h]
-                z = torch.cat((z[:n_large], z[end:]))  # V*b x D
-                scores = [torch.cat((s[:n_large], s[end:])) for s in scores]  # [V*b x K_h]
+                n_clean = len(images) * b
+                hard_scores = [s[n_clean:] for s in scores]  # [len(hard)*V0*b x K_h], adversarial rows first
+                z, scores = z[:n_clean], [s[:n_clean] for s in scores]  # V*b x D, [V*b x K_h]
         loss = deepcluster_loss(scores, assignments[:, idx], args.temperature)  # targets H x b
         hexa = {}  # HEXA: the hard views' losses, logged as train/hexa/adv_loss and train/hexa/mix_loss
+        scale = 1.0 if args.hard_scale == "view" else n0 / len(images)  # HEXA: "crop": a hard crop as a clean one
         if args.adv_weight > 0:
             hexa["hexa/adv_loss"] = deepcluster_loss([s[: n0 * b] for s in hard_scores], targets, args.temperature)
-            loss = loss + args.adv_weight * hexa["hexa/adv_loss"]
+            loss = loss + scale * args.adv_weight * hexa["hexa/adv_loss"]
         if args.mix_weight > 0:  # own and partner's assignments, each normalised as deepcluster_loss
             mix_scores = [s[-n0 * b :] for s in hard_scores]  # [V0*b x K_h]
             own, other = (deepcluster_loss(mix_scores, t, args.temperature) for t in (targets, targets[:, partner]))
             hexa["hexa/mix_loss"] = lam * own + (1 - lam) * other
-            loss = loss + args.mix_weight * hexa["hexa/mix_loss"]
+            loss = loss + scale * args.mix_weight * hexa["hexa/mix_loss"]
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -9,17 +9,18 @@ Base: moco_v2.py; every block that differs is tagged `# HEXA:`. Deltas:
      nothing: input gradient only (torch.autograd.grad, outside DDP), BN buffers restored (adversarial_view).
   3. Cut-mixed query: CutMix of the query views with a partner image of the batch, lambda = the exact fraction
      of own pixels; loss lambda * l(own key) + (1 - lambda) * l(partner's key), negatives from the queue (cutmix).
-  4. The clean and hard queries go through encoder_q in one pass (in the one DDP forward per step), view after view
-     (N clean, N adversarial, N cut-mixed); N is a multiple of --bn-group-size, so each BatchNorm group holds one
-     kind of query, as in the attack, which normalises the perturbed queries alone in the same groups; the running
-     statistics average all groups. Loss = clean + --adv-weight * adversarial + --mix-weight * cut-mixed; a weight
-     of 0 skips its computation.
+  4. The clean and hard queries go through encoder_q in the one DDP forward per step, their BatchNorm batches per
+     --hard-bn: "own" (default), view after view, so each group of --bn-group-size holds one kind of query (as in
+     the attack); "separate", the same, and the hard pass leaves the running statistics to the clean queries;
+     "shared", image after image, so a group holds all kinds of query of its images. Loss = clean + --adv-weight *
+     adversarial + --mix-weight * cut-mixed; a weight of 0 skips its computation.
 
     python hexa_moco.py DATA                          # one process: one GPU, or the CPU for debugging
     torchrun --nproc_per_node=8 hexa_moco.py DATA     # one node, 8 GPUs, global batch 256
 """
 
 import argparse
+import contextlib  # HEXA: buffers_kept
 import functools
 import math
 import os
@@ -78,6 +79,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--adv-steps", type=int, default=1, help="attack (PGD) steps (default 1)")
     p.add_argument("--adv-random-start", action=argparse.BooleanOptionalAction, default=False, help="PGD random start")
     p.add_argument("--mix-weight", type=float, default=1.0, help="cut-mixed queries' loss weight; 0: no CutMix")
+    p.add_argument("--hard-bn", default="own", choices=["shared", "own", "separate"], help="hard queries' BN (own)")
     return p
 
 
@@ -130,9 +132,11 @@ class MoCo(nn.Module):
         T: float = 0.2,
         mlp: bool = True,
         bn_group_size: int = 0,
+        hard_bn: str = "own",  # HEXA: the hard queries' BatchNorm batches
     ):
         super().__init__()
         self.K, self.m, self.T = K, m, T
+        self.hard_bn = hard_bn  # HEXA: "shared", "own" or "separate" (see --hard-bn)
         # torchvision ResNets whose fc maps the pooled features to C; MoCo v2 puts a hidden layer in front:
         # fc = Linear(d, d), ReLU, Linear(d, C), no BatchNorm (keys fc.0.* and fc.2.*).
         # BatchNorm in groups of bn_group_size images (SplitBatchNorm2d) in both encoders.
@@ -209,42 +213,68 @@ class MoCo(nn.Module):
         positive of each cut-mixed query. Returns the clean logits N x (1+K) (positive in column 0), labels N
         (zeros) and the hard logits: "adv" N x (1+K), "mix" 2 x N x (1+K) (own key, partner's key) when given.
         Side effect: the enqueue of the clean keys after the logits."""
-        # HEXA: all queries in one encoder_q pass, view after view: BatchNorm groups of one view each (V = 1, 2 or 3)
+        # HEXA: all queries in the one DDP forward, their BatchNorm batches as --hard-bn says (V = 1, 2 or 3 views)
         n, views = im_q.shape[0], [x for x in (im_q, im_adv, im_mix) if x is not None]
-        q = F.normalize(self.encoder_q(torch.cat(views)).float(), dim=1)  # queries: VN x C
+        if self.hard_bn == "shared":  # image after image: each group holds every kind of query of its images
+            q = self.encoder_q(torch.stack(views, dim=1).flatten(0, 1)).unflatten(0, (n, -1)).transpose(0, 1)
+        elif self.hard_bn == "separate" and len(views) > 1:  # the hard pass leaves the running statistics alone
+            with buffers_kept(self.encoder_q):
+                q_hard = self.encoder_q(torch.cat(views[1:]))
+            q = torch.cat([self.encoder_q(im_q), q_hard])
+        else:  # "own": view after view, so each group holds one kind of query
+            q = self.encoder_q(torch.cat(views))
+        q = F.normalize(q.flatten(0, -2).float(), dim=1)  # queries: VN x C, view after view
         logits = self.contrast(q[:n], k)  # N x (1+K)
         hard = {}
         if im_adv is not None:
             hard["adv"] = self.contrast(q[n : 2 * n], k)  # N x (1+K)
-        if im_mix is not None:
-            hard["mix"] = torch.stack([self.contrast(q[-n:], k), self.contrast(q[-n:], k[partner])])  # 2xNx(1+K)
+        if im_mix is not None:  # against the own key, then the partner's: only the positive logit differs
+            mix = self.contrast(q[-n:], k)  # N x (1+K)
+            l_partner = (q[-n:] * k[partner]).sum(dim=1, keepdim=True) / self.T  # N x 1, fp32 (not an autocast op)
+            hard["mix"] = torch.stack([mix, torch.cat([l_partner, mix[:, 1:]], dim=1)])  # 2 x N x (1+K)
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # the positive is class 0
         self._dequeue_and_enqueue(k)
         return logits, labels, hard
 
 
-# HEXA: the two hard-example generators, the same text in hexa_dcluster.py
+# HEXA: the hard-example generators and two helpers, the same text in hexa_dcluster.py
+@functools.cache
+def pixel_stats(device: torch.device) -> tuple:
+    """MEAN and STD as 1 x 3 x 1 x 1 tensors on `device`, made once (a host-to-device copy waits for the GPU)."""
+    return torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1)
+
+
+@contextlib.contextmanager
+def buffers_kept(module):
+    """On leaving, the module's buffers (BatchNorm running statistics, num_batches_tracked) are as on entering:
+    what runs inside uses BatchNorm in the module's mode (train: batch statistics) and leaves no trace in them."""
+    saved = [b.clone() for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(module.buffers(), saved):
+                b.copy_(s)
+
+
 def adversarial_view(model, loss_fn, images, eps, step, steps, random_start=False):
     """PGD (Madry et al.) under an L-inf budget in [0, 1] pixel space: `steps` signed-gradient ascent steps of
     size `step` on loss_fn, each projected onto the eps-ball around the clean pixels and the valid range.
 
-    model: the module loss_fn runs; its buffers (BatchNorm running statistics, num_batches_tracked) are restored
-    afterwards, so the attack runs BatchNorm in the caller's mode (train: batch statistics) and changes nothing.
+    model: the module loss_fn runs; its buffers are restored afterwards (buffers_kept), so the attack runs BatchNorm
+    in the caller's mode (train: batch statistics) and changes nothing.
     loss_fn: normalised images N x 3 x H x W -> scalar loss to maximise. Only the input gradient is computed
     (torch.autograd.grad): no parameter .grad, so no DDP all-reduce when called outside DDP's forward.
     images: N x 3 x H x W, normalised with MEAN/STD. Returns the adversarial images, normalised, detached.
     """
-    mean, std = images.new_tensor(MEAN).view(1, 3, 1, 1), images.new_tensor(STD).view(1, 3, 1, 1)
+    mean, std = pixel_stats(images.device)
     x0 = images.detach() * std + mean  # clean pixels in [0, 1]: N x 3 x H x W
     x = x0 + torch.empty_like(x0).uniform_(-eps, eps) if random_start else x0
-    buffers = [b.clone() for b in model.buffers()]
-    for _ in range(steps):
-        x = x.clamp(0, 1).requires_grad_()
-        (grad,) = torch.autograd.grad(loss_fn((x - mean) / std), x)
-        x = torch.minimum(torch.maximum(x.detach() + step * grad.sign(), x0 - eps), x0 + eps)
-    with torch.no_grad():
-        for b, saved in zip(model.buffers(), buffers):
-            b.copy_(saved)
+    with buffers_kept(model):
+        for _ in range(steps):
+            x = x.clamp(0, 1).requires_grad_()
+            (grad,) = torch.autograd.grad(loss_fn((x - mean) / std), x)
+            x = torch.minimum(torch.maximum(x.detach() + step * grad.sign(), x0 - eps), x0 + eps)
     return ((x.clamp(0, 1) - mean) / std).detach()
 
 
@@ -354,7 +384,8 @@ def main(args):
 
     # ============ model ============
     bn_group = args.bn_group_size or loader.batch_size  # images per BatchNorm group
-    model = MoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, bn_group).to(device)
+    config = (args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, bn_group, args.hard_bn)
+    model = MoCo(*config).to(device)  # HEXA: + --hard-bn
     if args.amp and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model_without_ddp = model
