@@ -30,6 +30,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def backends(device: torch.device) -> list[str]:
+    """The backends worth timing: faiss where it is installed, and on a GPU only with its GPU support (a CPU index
+    would copy the whole memory to the host at every E-step); the torch search always."""
+    try:
+        import faiss
+    except ImportError:
+        print("  faiss is not installed: its rows are left out", flush=True)
+        return ["torch"]
+    if device.type == "cuda" and not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
+        print("  this faiss has no GPU support: its rows are left out on the GPU", flush=True)
+        return ["torch"]
+    return ["faiss", "torch"]
+
+
 def run(n=8_000, dim=128, heads=3, k=3000, iters=10, device=None, repeats=3, n_banks=2) -> list[dict]:
     """Median (min, max) seconds of one epoch's k-means over a memory of n x dim per bank, `heads` heads of k
     clusters, for each backend; rows: {"backend", "n", "dim", "heads", "k", "iters", "device", "median_s",
@@ -44,7 +58,7 @@ def run(n=8_000, dim=128, heads=3, k=3000, iters=10, device=None, repeats=3, n_b
         banks = F.normalize(torch.randn(n_banks, n, dim, generator=g), dim=2).to(device)  # n_banks x M x D
         model = DeepClusterV2("resnet18", feat_dim=dim, hidden_mlp=0, nmb_prototypes=[k] * heads).to(device)
         rows = []
-        for backend in ("faiss", "torch"):
+        for backend in backends(device):
             args = argparse.Namespace(nmb_prototypes=[k] * heads, seed=0, kmeans_iters=iters, kmeans_backend=backend)
             if device.type == "cuda":
                 cluster_memory(model, index, banks, n, args, epoch=0)  # warm-up: faiss GPU resources, kernels

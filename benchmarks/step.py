@@ -1,14 +1,17 @@
 """Training-step time and peak memory of one method on synthetic in-memory batches.
 
 Runs the method's own `train_one_epoch` on a loader that yields the same batch again and again, so the figure
-is the cost of the step itself: no decoding, no augmentation. benchmarks/run.py starts one process per method
-(clean peak-memory figures) and prints the table; this module prints one JSON line.
+is the cost of the step itself: no decoding, no augmentation. Prints one JSON line per method and batch. On the
+CPU benchmarks/run.py starts one process per method and batch (the peak resident memory is the process's); on a GPU
+one process measures them all (the peak GPU memory is reset for each).
 
-    python -m benchmarks.step moco_v2 --arch resnet18 --size 96 --batch 32 --steps 5 --reps 5
+    python -m benchmarks.step moco_v2 --arch resnet18 --size 96 --batches 32 --steps 5 --reps 5
+    python -m benchmarks.step supervised moco_v2 mochi --batches 32 64     # on a GPU: one process, peaks reset
 """
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import os
@@ -150,21 +153,11 @@ METHODS = {
 }
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=sorted(METHODS))
-    p.add_argument("--arch", default="resnet50")
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--batch", type=int, default=32, help="per-process batch")
-    p.add_argument("--queue", type=int, default=65536, help="MoCo queue size")
-    p.add_argument("--steps", type=int, default=10, help="steps per timed repetition")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions (after one warm-up repetition)")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
-    o = p.parse_args()
-    device = dist.init_distributed(o.device)
+def measure(method: str, o, device: torch.device) -> dict:
+    """One method at o.batch images per process: median (min, max) seconds per step over o.reps repetitions of
+    o.steps steps after a warm-up, images/s and the peak memory of the timed steps (GPU) or of the process (CPU)."""
     torch.manual_seed(0)
-    epoch = METHODS[o.method](o, device)
+    epoch = METHODS[method](o, device)
     epoch(2)  # warm-up: allocator, cuDNN autotuning, lazy initialisation
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -180,18 +173,31 @@ def main():
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:  # the process's peak resident memory (includes the Python and torch baseline)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(
-        json.dumps(
-            {
-                "method": o.method,
-                "step_s": statistics.median(times),
-                "min_s": min(times),
-                "max_s": max(times),
-                "img_s": o.batch / statistics.median(times),
-                "peak_gib": peak,
-            }
-        )
-    )
+    step_s = statistics.median(times)
+    return dict(method=method, batch=o.batch, step_s=step_s, min_s=min(times), max_s=max(times), img_s=o.batch / step_s,
+                peak_gib=peak)  # fmt: skip
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("methods", nargs="+", choices=sorted(METHODS), help="one or more (on a GPU, one process for all)")
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batches", type=int, nargs="+", default=[32], help="per-process batches (default 32)")
+    p.add_argument("--queue", type=int, default=65536, help="MoCo queue size")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed repetition")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions (after one warm-up repetition)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
+    o = p.parse_args()
+    device = dist.init_distributed(o.device)
+    for method in o.methods:
+        for batch in o.batches:
+            o.batch = batch
+            print(json.dumps(measure(method, o, device)), flush=True)
+            gc.collect()  # the method's model and optimizer go before the next one's peak is measured
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     dist.cleanup()
 
 

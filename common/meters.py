@@ -4,6 +4,8 @@ import json
 import os
 import time
 
+import torch
+
 from common import dist
 
 
@@ -50,9 +52,15 @@ class Progress:
             )
 
     def summary(self, prefix: str = "train") -> dict:
+        """The epoch's means, images/s, seconds, the mean wait for data per step and, on CUDA, the peak GPU memory
+        of the epoch in GiB (the peak is reset for the next epoch)."""
         elapsed = time.perf_counter() - self.start
         out = {f"{prefix}/{k}": m.avg for k, m in self.meters.items()}
         out.update({f"{prefix}/img_per_s": self.steps * self.global_batch / elapsed, f"{prefix}/epoch_s": elapsed})
+        out[f"{prefix}/data_s"] = self.data_time.avg
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out[f"{prefix}/max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
         return out
 
 
