@@ -241,7 +241,12 @@ def _read_cause(path: str, err: Exception) -> str:
 
 def check_kind(ckpt: dict, path: str, method: str) -> None:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("method") != method:
-        found = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
+        if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
+            found = f"a {ckpt.get('method')} checkpoint"
+        elif isinstance(ckpt, dict):  # e.g. a public MoCo or SwAV-repository checkpoint: a trunk for --pretrained
+            found = "no checkpoint of this project; its keys: " + ", ".join(sorted(map(str, ckpt))[:4])
+        else:
+            found = type(ckpt).__name__
         raise UserError(f"{path} is not a {method} checkpoint of this project (found: {found})")
     missing = [k for k in KEYS if k not in ckpt]
     if missing:

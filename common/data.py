@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets
 
 from common import device_views, dist
-from common.cli import UserError
+from common.cli import UserError, reason
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -21,7 +21,7 @@ def load_rgb(path: str) -> Image.Image:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
     except Exception as err:  # a truncated, corrupt or unreadable file
-        raise UserError(f"cannot read image {path}: {err}") from None
+        raise UserError(f"cannot read image {path}: {reason(err)}") from None
 
 
 def read_bytes(path: str) -> torch.Tensor:
@@ -30,7 +30,7 @@ def read_bytes(path: str) -> torch.Tensor:
         with open(path, "rb") as f:
             data = f.read()
     except Exception as err:  # a missing or unreadable file
-        raise UserError(f"cannot read image {path}: {err}") from None
+        raise UserError(f"cannot read image {path}: {reason(err)}") from None
     return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 

@@ -39,7 +39,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from common.cli import UserError
+from common.cli import UserError, reason
 from common.views import GaussianBlur, MultiCrop, TwoCrops
 
 # torchvision's tensor grayscale weights (ITU-R 601 luma; Pillow uses 0.299 for red).
@@ -421,7 +421,7 @@ def _pil_decode(blob: torch.Tensor, path: str) -> torch.Tensor:
         with Image.open(io.BytesIO(blob.numpy().tobytes())) as img:
             rgb = np.array(img.convert("RGB"))
     except Exception as err:  # a truncated, corrupt or unreadable file
-        raise UserError(f"cannot read image {path}: {err}") from None
+        raise UserError(f"cannot read image {path}: {reason(err)}") from None
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()  # 3 x H x W uint8
 
 

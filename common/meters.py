@@ -7,6 +7,7 @@ import time
 import torch
 
 from common import dist
+from common.cli import UserError, reason
 
 
 class Meter:
@@ -68,7 +69,10 @@ def log_epoch(output_dir: str, record: dict) -> None:
     """Append one JSON object to OUTPUT_DIR/log.jsonl and print it (rank 0)."""
     if not dist.is_main():
         return
-    line = json.dumps(record)
-    with open(os.path.join(output_dir, "log.jsonl"), "a") as f:
-        f.write(line + "\n")
+    line, path = json.dumps(record), os.path.join(output_dir, "log.jsonl")
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as err:  # a full disk, say: the epoch's checkpoint is already written
+        raise UserError(f"cannot append to {path}: {reason(err)}; the checkpoint of this epoch is written") from None
     print(line, flush=True)

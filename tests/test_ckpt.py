@@ -210,3 +210,16 @@ def test_check_kind_wants_the_whole_schema():
         ckpt.check_kind(whole, "lin.pth", "moco_v2")
     with pytest.raises(UserError, match="without its optimizer, rng entries"):
         ckpt.check_kind({k: v for k, v in whole.items() if k not in ("optimizer", "rng")}, "lin.pth", "lincls")
+    with pytest.raises(UserError, match=r"\(found: a lincls checkpoint\)"):
+        ckpt.check_kind(whole, "lin.pth", "moco_v2")
+    public = {"state_dict": {}, "epoch": 200, "arch": "resnet50", "optimizer": {}}  # the MoCo repository's layout
+    with pytest.raises(UserError, match=r"found: no checkpoint of this project; its keys: arch, epoch, optimizer"):
+        ckpt.check_kind(public, "moco_v2_200ep_pretrain.pth.tar", "moco_v2")
+
+
+def test_a_full_disk_while_logging_is_one_line(tmp_path):
+    from common.meters import log_epoch
+
+    os.symlink("/dev/full", tmp_path / "log.jsonl")  # appending fails as on a full disk
+    with pytest.raises(UserError, match=r"cannot append to .*log.jsonl: .*No space left on device; the checkpoint"):
+        log_epoch(str(tmp_path), {"epoch": 1, "train/loss": 1.0})
