@@ -486,7 +486,7 @@ def main(args):
             f"fewer than --nmb-prototypes {max(args.nmb_prototypes)}"
         )
     # the kNN top-1 of the trunk on DATA/val every --knn-every epochs (common/monitor.py)
-    knn = knn_monitor(args.knn_every, args.data, args.size_crops[0], loader.batch_size, args.workers, device, args.amp)
+    knn = knn_monitor(args, args.size_crops[0], loader.batch_size, device)
 
     # ============ model ============
     model = DeepClusterV2(args.arch, args.feat_dim, args.hidden_mlp, args.nmb_prototypes).to(device)

@@ -248,7 +248,7 @@ def main(args):
             f"not a multiple of --bn-group-size {args.bn_group_size} (images per BatchNorm group; 0: one per process)"
         )
     # the kNN top-1 of the trunk on DATA/val every --knn-every epochs (common/monitor.py)
-    knn = knn_monitor(args.knn_every, args.data, args.crop_size, loader.batch_size, args.workers, device, args.amp)
+    knn = knn_monitor(args, args.crop_size, loader.batch_size, device)
 
     # ============ model ============
     bn_group = args.bn_group_size or loader.batch_size  # images per BatchNorm group

@@ -35,6 +35,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch.utils.data import DataLoader, Subset
 
 from common import dist
@@ -122,7 +123,8 @@ def _eval_mode(module: torch.nn.Module):
 class KNNMonitor:
     """Weighted-kNN top-1 of a trunk: val images classified by their nearest training images (see the module
     docstring). Build it once, on every process (the datasets are scanned here, not at each call); call it on every
-    process with the unwrapped trunk (e.g. `model_without_ddp.encoder_q`).
+    process with the unwrapped trunk (e.g. `model_without_ddp.encoder_q`). With `arch`, the first call also measures
+    a randomly initialised trunk of that architecture once, for reference.
 
     data: the ImageNet-style root; crop_size: the script's crop (the eval view resizes to crop * 256/224 and crops
     the centre); batch_size: images per process per forward (the training loader's is safe); workers: loader
@@ -141,8 +143,10 @@ class KNNMonitor:
         seed: int = SUBSET_SEED,
         k: int = KNN_K,
         t: float = KNN_T,
+        arch: str | None = None,
     ):
         self.device, self.amp, self.k, self.t = device, amp, k, t
+        self.arch, self.random_acc = arch, None  # the random-trunk reference, computed at the first call
         view, val = eval_val_view(crop_size), os.path.join(data, "val")
         if not os.path.isdir(val):
             raise UserError(f"the kNN monitor reads {val}, which does not exist (--knn-every 0 turns it off)")
@@ -187,9 +191,8 @@ class KNNMonitor:
         everyone = dist.concat_all_gather(padded).view(W, m, -1)  # rank w, row j = image j*W + w
         return everyone.transpose(0, 1).reshape(W * m, -1)[:n]
 
-    def __call__(self, trunk: torch.nn.Module) -> dict:
-        """Collective: call on every process. Returns {"knn/acc1": top-1 in %, "knn/s": seconds of this call}."""
-        start = time.perf_counter()
+    def accuracy(self, trunk: torch.nn.Module) -> float:
+        """Collective: the weighted-kNN top-1 (%) of `trunk` (run in eval mode, changing nothing)."""
         with _rng_kept(self.device), _eval_mode(trunk), torch.no_grad():
             train_loader, val_loader = self.loaders
             memory = self._gather(self._embed(trunk, train_loader), len(self.train_set))  # M x d, all processes
@@ -198,18 +201,35 @@ class KNNMonitor:
             labels = torch.tensor(self.val_set.targets[dist.rank() :: dist.world_size()], device=self.device)
             pred = knn_predict(queries, memory, memory_labels, len(self.train_set.classes), self.k, self.t)
             counts = dist.all_reduce_sum(torch.tensor([int((pred == labels).sum()), len(labels)], device=self.device))
-        return {"knn/acc1": 100.0 * counts[0].item() / counts[1].item(), "knn/s": time.perf_counter() - start}
+        return 100.0 * counts[0].item() / counts[1].item()
+
+    def __call__(self, trunk: torch.nn.Module) -> dict:
+        """Collective: call on every process. Returns {"knn/acc1": top-1 in %, "knn/s": seconds of this call}, and
+        with `arch`, "knn/acc1_random": the same kNN on a randomly initialised `arch` trunk (torchvision's
+        initialisation under seed 0, made at the first call; the number a trained trunk must beat)."""
+        start = time.perf_counter()
+        stats = {"knn/acc1": self.accuracy(trunk)}
+        if self.arch is not None:
+            if self.random_acc is None:
+                with _rng_kept(self.device):
+                    torch.manual_seed(0)
+                    random_trunk = torchvision.models.get_model(self.arch).to(self.device)
+                self.random_acc = self.accuracy(random_trunk)
+            stats["knn/acc1_random"] = self.random_acc
+        stats["knn/s"] = time.perf_counter() - start
+        return stats
 
 
-def knn_monitor(every: int, data: str, crop_size: int, batch_size: int, workers: int, device, amp: bool = True):
-    """The scripts' monitor for --knn-every `every`: a KNNMonitor, or None when `every` is 0 or DATA/val does not
-    exist (pretraining itself needs only DATA/train; a note says the monitor is off)."""
-    if not every:
+def knn_monitor(args, crop_size: int, batch_size: int, device):
+    """The scripts' monitor, from their shared flags (--knn-every, DATA, -j, --amp, -a): a KNNMonitor with the random-
+    trunk reference, or None when --knn-every is 0 or DATA/val does not exist (pretraining itself needs only
+    DATA/train; a note says the monitor is off)."""
+    if not args.knn_every:
         return None
-    if not os.path.isdir(os.path.join(data, "val")):
-        dist.print0(f"note: {os.path.join(data, 'val')} does not exist; the kNN monitor is off")
+    if not os.path.isdir(os.path.join(args.data, "val")):
+        dist.print0(f"note: {os.path.join(args.data, 'val')} does not exist; the kNN monitor is off")
         return None
-    return KNNMonitor(data, crop_size, batch_size, workers, device, amp)
+    return KNNMonitor(args.data, crop_size, batch_size, args.workers, device, args.amp, arch=args.arch)
 
 
 # ============ statistics and warnings ============

@@ -151,6 +151,7 @@ def test_end_to_end(pretrained):
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) and r["train/loss"] > 0 for r in log)
     assert all(0 < r["train/embed_spread"] <= 1.5 for r in log)
     assert all(0 <= r["knn/acc1"] <= 100 and r["knn/s"] > 0 for r in log)  # --knn-every 1
+    assert log[0]["knn/acc1_random"] == log[1]["knn/acc1_random"]  # the random trunk's, measured once
     check_checkpoint(out / "checkpoint.pth", epochs=2, steps=128 // 16)
 
 

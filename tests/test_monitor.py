@@ -132,6 +132,17 @@ def test_monitor_matches_reference_and_has_no_side_effects(monitor):
     assert stats["knn/acc1"] == reference_knn(model, monitor, k=20)
 
 
+def test_random_trunk_reference_is_measured_once_and_changes_nothing(tiny_data, process_group):
+    monitor = KNNMonitor(tiny_data, device=torch.device("cpu"), arch="resnet18", **MONITOR)
+    torch.manual_seed(1)
+    trunk, rng = torchvision.models.resnet18(), torch.get_rng_state()
+    first = monitor(trunk)
+    assert torch.equal(torch.get_rng_state(), rng)  # the random trunk is drawn under its own seed, then put back
+    torch.manual_seed(0)
+    expected = monitor.accuracy(torchvision.models.resnet18())  # torchvision's initialisation under seed 0
+    assert first["knn/acc1_random"] == expected and monitor(trunk)["knn/acc1_random"] == expected
+
+
 def test_monitor_without_val_folder(tmp_path, process_group):
     os.makedirs(tmp_path / "train" / "a")
     with pytest.raises(UserError, match="--knn-every 0"):
