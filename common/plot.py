@@ -2,8 +2,9 @@
 
     python -m common.plot RUN_DIR [RUN_DIR ...] -o curves.png
 
-One line per run, labelled by its folder name; one panel for each of those quantities that some run logs (a run
-without kNN entries has no curve in that panel). If a resumed run logged an epoch twice, the later line counts.
+One line per run, labelled by its folder name (the random trunk's kNN, when logged, dashed in the run's colour);
+one panel for each of those quantities that some run logs (a run without kNN entries has no curve in that panel).
+If a resumed run logged an epoch twice, the later line counts.
 Needs matplotlib (pip install matplotlib), which nothing else in the project uses.
 """
 
@@ -21,6 +22,7 @@ PANELS = (
     ("train/img_per_s", "images / s"),
     ("knn/acc1", "kNN top-1 (%)"),
 )
+REFERENCE = {"knn/acc1": "knn/acc1_random"}  # drawn dashed in the panel of its key: the random trunk's kNN
 
 
 def read_log(run_dir: str) -> dict[int, dict]:
@@ -77,6 +79,9 @@ def main(args) -> None:
             if points:  # a run keeps its colour in every panel, also where another run has no curve
                 x, y = zip(*points)
                 ax.plot(x, y, color=f"C{i % 10}", marker="." if len(points) < 50 else None, label=label)
+            random = [r[REFERENCE[key]] for r in log.values() if REFERENCE.get(key) in r]
+            if random:  # the random trunk's kNN, the reference to beat: dashed, in the run's colour
+                ax.axhline(random[-1], color=f"C{i % 10}", linestyle="--", linewidth=1, label=f"{label}, random trunk")
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
