@@ -37,6 +37,16 @@ FLAGS = {
 EPOCHS = {"moco_v2.py": 3}  # three epochs for the memory check, two for the others
 
 
+@pytest.fixture
+def cuda_group():
+    """A one-process NCCL group in this process, as the scripts make on a GPU (the collectives take CUDA tensors)."""
+    from common import dist
+
+    dist.init_distributed("cuda")
+    yield
+    dist.cleanup()
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from common.synthetic import make_image_folder
@@ -110,7 +120,7 @@ def test_resume_on_cuda(runs, data, tmp_path):
     assert cos.mean() > 0.9, float(cos.mean())
 
 
-def test_bf16_against_fp32(process_group):
+def test_bf16_against_fp32(cuda_group):
     """MoCo v2's logits and loss under bf16 autocast and channels_last against fp32, same weights and batch."""
     from moco_v2 import MoCo
 
@@ -130,20 +140,30 @@ def test_bf16_against_fp32(process_group):
     assert abs(float(loss16 - loss32)) < 0.02 * float(loss32)
 
 
-def test_kmeans_on_gpu_matches_cpu(process_group):
+def test_kmeans_on_gpu_matches_cpu():
     """The GPU k-means (the FAISS GPU index when faiss has GPU support, else the torch search on CUDA) gives the CPU's
-    assignments on well-separated data."""
+    assignments on well-separated data (the CPU run under gloo, the GPU run under NCCL, as the scripts do)."""
+    import torch.distributed as torch_dist
     from test_deepcluster_v2 import kmeans_data, same_partition
 
+    from common import dist
     from deepcluster_v2 import spherical_kmeans
 
     x, ids = kmeans_data(n=3000, dim=128, clusters=30)
     truth = torch.arange(len(x)) % 30
-    seed = next(s for s in range(100) if same_partition(spherical_kmeans(x, ids, 30, 0, s, "torch")[1], truth))
-    _, cpu = spherical_kmeans(x, ids, K=30, iters=10, seed=seed, backend="torch")
-    for backend in ["faiss", "torch"] if HAS_FAISS else ["torch"]:
-        c, gpu = spherical_kmeans(x.cuda(), ids.cuda(), K=30, iters=10, seed=seed, backend=backend)
-        assert gpu.is_cuda and c.is_cuda and same_partition(gpu.cpu(), cpu), backend
+    torch_dist.init_process_group("gloo", store=torch_dist.HashStore(), rank=0, world_size=1)
+    try:
+        seed = next(s for s in range(100) if same_partition(spherical_kmeans(x, ids, 30, 0, s, "torch")[1], truth))
+        _, cpu = spherical_kmeans(x, ids, K=30, iters=10, seed=seed, backend="torch")
+    finally:
+        dist.cleanup()
+    dist.init_distributed("cuda")
+    try:
+        for backend in ["faiss", "torch"] if HAS_FAISS else ["torch"]:
+            c, gpu = spherical_kmeans(x.cuda(), ids.cuda(), K=30, iters=10, seed=seed, backend=backend)
+            assert gpu.is_cuda and c.is_cuda and same_partition(gpu.cpu(), cpu), backend
+    finally:
+        dist.cleanup()
 
 
 def test_device_views_on_cuda_match_cpu(tmp_path):
