@@ -57,6 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process (default 8)")
     p.add_argument("--views", default="auto", choices=VIEWS, help="pil (in workers) or device; auto: device on CUDA")
     p.add_argument("--crop-size", type=int, default=224, help="side of the random resized crops (default 224)")
+    p.add_argument("--crop-min-scale", type=float, default=0.2, help="smallest crop area (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed; process r uses seed + r (default 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="default: CUDA if available")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 + channels_last on CUDA")
@@ -372,7 +373,10 @@ def main(args):
     dist.print0(f"{METHOD}: {dist.world_size()} process(es) on {device}; {vars(args)}")
 
     # ============ data ============
-    dataset = ImageFolder(os.path.join(args.data, "train"), TwoCrops(moco_v2_view(args.crop_size)))
+    if not 0 < args.crop_min_scale <= 1:
+        raise UserError(f"--crop-min-scale {args.crop_min_scale} must be in (0, 1]")
+    view = moco_v2_view(args.crop_size, args.crop_min_scale)
+    dataset = ImageFolder(os.path.join(args.data, "train"), TwoCrops(view))
     loader = train_loader(dataset, args.batch_size, args.workers, args.seed, device, args.views)
     if args.bn_group_size < 0 or (args.bn_group_size and loader.batch_size % args.bn_group_size):
         raise UserError(

@@ -31,11 +31,12 @@ class TwoCrops:
         return [self.transform(img), self.transform(img)]
 
 
-def moco_v2_view(crop_size: int = 224) -> T.Compose:
-    """MoCo v2 aug-plus: crop 0.2-1, colour jitter 0.4/0.4/0.4/0.1 (p 0.8), grey 0.2, blur (p 0.5), flip."""
+def moco_v2_view(crop_size: int = 224, min_scale: float = 0.2) -> T.Compose:
+    """MoCo v2 aug-plus: crop min_scale-1 (0.2 published), colour jitter 0.4/0.4/0.4/0.1 (p 0.8), grey 0.2, blur
+    (p 0.5), flip."""
     return T.Compose(
         [
-            T.RandomResizedCrop(crop_size, scale=(0.2, 1.0)),
+            T.RandomResizedCrop(crop_size, scale=(min_scale, 1.0)),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             T.RandomGrayscale(p=0.2),
             T.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),

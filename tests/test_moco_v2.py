@@ -199,6 +199,7 @@ def test_resume_matches_uninterrupted_run(tiny_data, pretrained, tmp_path, views
     [
         (["--moco-k", 60], "--moco-k 60 must be a multiple of the global --batch-size 16"),
         (["--bn-group-size", 6], "--batch-size 16 gives 16 images per process, not a multiple of --bn-group-size 6"),
+        (["--crop-min-scale", 0], "--crop-min-scale 0.0 must be in (0, 1]"),
     ],
 )
 def test_queue_or_groups_not_dividing_the_batch_is_an_error(tiny_data, tmp_path, flags, message):
