@@ -1,23 +1,37 @@
-"""Evidence that the methods learn: a short pretraining on a generated dataset, then a linear probe of the
-pretrained trunk next to the same probe on a randomly initialised trunk.
+"""Evidence that the methods learn: a short pretraining on generated data, then a linear probe of the pretrained
+trunk, next to the same probe on a randomly initialised trunk (the lower reference) and on the same trunk trained
+supervised on the labels with the same budget (the upper reference), on two kinds of data and several seeds.
 
-The dataset is `common/synthetic.py`'s shapes: the class is the kind of shape, while its colour, the
-background colour, the position and the size are random. Those nuisances are what the methods' own
-augmentations (crops, colour jitter, grey-scale) teach a network to ignore, so a probe on random features
-does poorly and a probe on learned features should do clearly better. The probe is the same for both:
-features of the centre view, standardised with the training set's statistics, then a multinomial logistic
-regression fitted to convergence (L-BFGS), accuracy on the held-out split.
+Data (`common/synthetic.py`): the generated shapes and the generated glyphs. In both the class is in the geometry
+(which shape; which arrangement of strokes) while the position, the size, the grey levels, a tint and the background
+are random: nuisances that the methods' own augmentations (crops, colour jitter, grey-scale) teach a network to
+ignore, so a probe on random features does poorly and a probe on learned features should do clearly better.
 
-    python -m benchmarks.learning [--methods moco_v2 ...] [--epochs 200]
+Seeds: seed s draws the dataset (images and, for glyphs, the alphabet), the training run (`--seed s`) and the random
+trunk's initialisation; the table gives every seed and the mean +- half the range over seeds.
+
+Probe, the same for every trunk: the pooled trunk features of the centre view (the validation transform),
+standardised with the training split's statistics; a multinomial logistic regression whose L2 strength is chosen
+by 5-fold cross-validation on the training split only (from 1 down to 1e-5, a decade apart), refitted on the whole
+training split; top-1 on the held-out split. Nothing is tuned on the held-out split.
+
+Supervised reference: the same arch from scratch, cross-entropy on the labels, with the same crop size, batch,
+epochs and training images as the self-supervised runs (SGD, cosine lr; the training view of the repo's linear and
+fine-tuning protocols: random resized crop and flip), then the same probe on its trunk.
+
+    python -m benchmarks.learning [--methods moco_v2 ...] [--datasets shapes glyphs] [--seeds 0 1] [--epochs N]
+    python -m benchmarks.learning --datasets glyphs:classes=12 --seeds 10 11     # a variant, as name:key=value,...
 """
 
 import argparse
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -26,30 +40,64 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common.data import ImageFolder  # noqa: E402
 from common.synthetic import make_image_folder  # noqa: E402
-from common.views import eval_val_view  # noqa: E402
+from common.views import eval_train_view, eval_val_view  # noqa: E402
 
-DATA = dict(classes=6, train_per_class=100, val_per_class=50, size=40)
-EPOCHS = 200
-# Per method: the short-pretraining flags (a 600-image dataset: small batch and queue, few clusters, 32-px crops).
-MOCO = ["-b", "64", "--lr", "0.06", "--moco-k", "256", "--moco-m", "0.99", "--crop-size", "32"]
-# DeepCluster-v2 at batch 64: lr 0.6 (= 4.8 x sqrt(64 / 4096)), not the linear rule's 0.075, which under LARS barely
-# moves the network at this batch (probe 51 % after 200 epochs, against 83 % after 100 with lr 0.6).
-DCLUSTER = ["-b", "64", "--nmb-crops", "2", "4", "--size-crops", "32", "16", "--nmb-prototypes", "30", "30", "30",
-            "--hidden-mlp", "512", "--kmeans-backend", "torch", "--lr", "0.6", "--final-lr", "0.0006",
-            "--start-warmup", "0.0375"]  # fmt: skip
+ARCH, CROP, BATCH = "resnet18", 32, 64  # BATCH: the supervised reference's; the recipes set their own
+# Generated data: 40-px images, 1,500-1,600 training images; 100 held-out images per class (a probe accuracy's
+# standard error is then about 2 points).
+DATASETS = {
+    "shapes": dict(kind="shapes", classes=6, train_per_class=250, val_per_class=100, size=40),
+    "glyphs": dict(kind="glyphs", classes=8, train_per_class=200, val_per_class=100, size=40),
+}
+SEEDS = (0, 1)
+EPOCHS = 30
+COMMON = ["-a", ARCH, "-j", "1", "--print-freq", "1000", "--knn-every", "0"]
+# One recipe per family for this scale (the investigation table in BENCHMARKS.md): crops of at least half the
+# image (at 32 px a 0.2 crop keeps too little of a shape), a queue of 64 (2 batches; 1,500 images make few
+# distinct negatives), batch 32 in BatchNorm groups of 16, lr 0.01; two 32-px crops for DeepCluster-v2, lr 1.2,
+# 100 prototypes per head.
+MOCO = ["-b", "32", "--bn-group-size", "16", "--lr", "0.01", "--moco-k", "64", "--moco-m", "0.99",
+        "--crop-size", str(CROP), "--crop-min-scale", "0.5"]  # fmt: skip
+DCLUSTER = ["-b", "64", "--nmb-crops", "2", "--size-crops", str(CROP), "--min-scale-crops", "0.5",
+            "--max-scale-crops", "1", "--nmb-prototypes", "100", "100", "100", "--hidden-mlp", "512",
+            "--kmeans-backend", "torch", "--lr", "1.2", "--final-lr", "0.0012", "--start-warmup", "0.0375",
+            "--warmup-epochs", "1"]  # fmt: skip
 RECIPES = {
     "moco_v2": MOCO,
-    "mochi": [*MOCO, "--mochi-n", "64", "--mochi-s", "64", "--mochi-s-prime", "16", "--mix-start-epoch", "20"],
-    # HEXA-MoCo's loss sums three MoCo losses (clean, adversarial, cut-mixed), so its gradient can be up to 3x MoCo
-    # v2's: at MoCo v2's lr 0.06 it collapses here (probe below random, loss 3 ln 257); lr 0.06 / 3 trains.
-    "hexa_moco": [*MOCO, "--lr", "0.02"],
+    "mochi": [*MOCO, "--mochi-n", "32", "--mochi-s", "32", "--mochi-s-prime", "8", "--mix-start-epoch", "3"],
+    "hexa_moco": MOCO,
     "deepcluster_v2": DCLUSTER,
     "hexa_dcluster": DCLUSTER,
 }
-COMMON = ["-a", "resnet18", "-j", "2", "--print-freq", "1000"]
+BASES = ("moco_v2", "deepcluster_v2")
+
+
+# ============ data ============
+
+
+def parse_dataset(spec: str) -> tuple[str, dict]:
+    """ "glyphs" or "glyphs:classes=12,train_per_class=100" -> (the spec, make_image_folder's keyword arguments)."""
+    name, _, rest = spec.partition(":")
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    kwargs = dict(DATASETS[name])
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in kwargs or key == "kind":
+            raise ValueError(f"{spec}: {key!r} is not one of {', '.join(k for k in kwargs if k != 'kind')}")
+        kwargs[key] = int(value)
+    return spec, kwargs
+
+
+def make_dataset(spec: str, seed: int, root: str) -> str:
+    return make_image_folder(root, seed=seed, **parse_dataset(spec)[1])
+
+
+# ============ trunks ============
 
 
 def trunk(arch: str, state: dict | None, seed: int = 0) -> torch.nn.Module:
+    """A torchvision ResNet without fc: randomly initialised under `seed`, or loaded from a backbone state."""
     torch.manual_seed(seed)
     model = torchvision.models.get_model(arch)
     model.fc = torch.nn.Identity()
@@ -58,93 +106,342 @@ def trunk(arch: str, state: dict | None, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-@torch.no_grad()
-def features(model, root: str, split: str, crop: int):
-    dataset = ImageFolder(os.path.join(root, split), eval_val_view(crop))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=128)
-    feats, labels = zip(*[(model(x), y) for x, y in loader])
-    return torch.cat(feats), torch.cat(labels)
+def _run_logged(cmd: list, log_path: str, env: dict | None = None) -> None:
+    with open(log_path, "w") as log:
+        done = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    if done.returncode:
+        tail = open(log_path).read()[-2000:]
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}); the end of {log_path}:\n{tail}")
 
 
-def linear_probe(train, val, wd: float = 1e-3, iters: int = 200) -> float:
-    """Standardised features, multinomial logistic regression by L-BFGS; returns validation top-1 (%)."""
-    (xtr, ytr), (xva, yva) = train, val
-    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
-    xtr, xva = (xtr - mean) / std, (xva - mean) / std
-    torch.manual_seed(0)
-    fc = torch.nn.Linear(xtr.shape[1], int(ytr.max()) + 1)
-    opt = torch.optim.LBFGS(fc.parameters(), lr=1, max_iter=iters, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(fc(xtr), ytr) + wd * fc.weight.square().sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return 100 * (fc(xva).argmax(1) == yva).float().mean().item()
-
-
-def probe(arch: str, state: dict | None, root: str, crop: int) -> float:
-    model = trunk(arch, state)
-    return linear_probe(features(model, root, "train", crop), features(model, root, "val", crop))
-
-
-def pretrain(method: str, root: str, out: str, epochs: int, seed: int = 0, extra=()) -> tuple[dict, float]:
-    script = os.path.join(ROOT, f"{method}.py")
-    cmd = [sys.executable, script, root, *COMMON, *RECIPES[method], "--epochs", str(epochs), "--seed", str(seed),
-           "--save-freq", str(epochs), "--output-dir", out, *extra]  # fmt: skip
+def pretrain(
+    method: str, root: str, out: str, epochs: int = EPOCHS, seed: int = 0, extra=(), env=None
+) -> tuple[dict, float]:
+    """Run `method`.py on root/train with its benchmark recipe plus `extra` flags (later flags win); the script's
+    output goes to out/stdout.log. Returns the trunk's state (the checkpoint's "backbone") and the wall seconds."""
+    cmd = [sys.executable, os.path.join(ROOT, f"{method}.py"), root, *COMMON, *RECIPES[method], "--epochs", str(epochs)]
+    cmd += ["--seed", str(seed), "--save-freq", str(epochs), "--output-dir", out, *extra]
+    os.makedirs(out, exist_ok=True)
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    _run_logged(cmd, os.path.join(out, "stdout.log"), env)
     elapsed = time.perf_counter() - t
     state = torch.load(os.path.join(out, "checkpoint.pth"), map_location="cpu", weights_only=True)
     return state["backbone"], elapsed
 
 
-def run(methods=tuple(RECIPES), epochs: int = EPOCHS, seed: int = 0, data_root: str | None = None) -> list[dict]:
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        root = data_root or make_image_folder(os.path.join(tmp, "data"), seed=seed, **DATA)
-        random_acc = probe("resnet18", None, root, 32)
-        for method in methods:
-            if not os.path.exists(os.path.join(ROOT, f"{method}.py")) or method not in RECIPES:
-                continue
-            state, elapsed = pretrain(method, root, os.path.join(tmp, method), epochs, seed)
-            rows.append(
-                {
-                    "method": method,
-                    "epochs": epochs,
-                    "pretrained": probe("resnet18", state, root, 32),
-                    "random": random_acc,
-                    "pretrain_s": elapsed,
-                }
-            )
-    return rows
+def supervised(
+    root: str,
+    epochs: int = EPOCHS,
+    seed: int = 0,
+    arch: str = ARCH,
+    crop: int = CROP,
+    batch: int = BATCH,
+    workers: int = 1,
+    lr: float = 0.05,
+    wd: float = 5e-4,
+) -> tuple[dict, float]:
+    """The upper reference: `arch` from scratch, cross-entropy on the labels of root/train, with the budget of the
+    self-supervised runs (crop, batch, epochs, whole batches only). SGD with momentum 0.9, a cosine lr per step.
+    Returns the trunk's state (without fc) and the wall seconds."""
+    torch.manual_seed(seed)
+    dataset = ImageFolder(os.path.join(root, "train"), eval_train_view(crop))
+    g = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(dataset, batch, shuffle=True, drop_last=True, num_workers=workers,
+                                         generator=g, persistent_workers=workers > 0)  # fmt: skip
+    model = torchvision.models.get_model(arch, num_classes=len(dataset.classes))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    steps = epochs * len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    t = time.perf_counter()
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    elapsed = time.perf_counter() - t
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}, elapsed
+
+
+# ============ probe ============
+
+
+@torch.no_grad()
+def features(model, root: str, split: str, crop: int = CROP):
+    dataset = ImageFolder(os.path.join(root, split), eval_val_view(crop))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256)
+    feats, labels = zip(*[(model(x), y) for x, y in loader])
+    return torch.cat(feats), torch.cat(labels)
+
+
+LAMBDAS = (1.0, 0.1, 0.01, 1e-3, 1e-4, 1e-5)  # L2 strengths, strongest first (each fit warm-starts the next)
+
+
+def _standardise(x_fit, *xs):
+    mean, std = x_fit.mean(0), x_fit.std(0) + 1e-6
+    return [(x - mean) / std for x in (x_fit, *xs)]
+
+
+def _logreg_path(x, y, classes: int, lambdas, iters: int = 100):
+    """Multinomial logistic regression, mean cross-entropy + lam * |W|^2, by L-BFGS for each lam in turn, each
+    fit starting from the previous one. Returns [(W, b)] in the order of `lambdas`."""
+    W = torch.zeros(classes, x.shape[1], requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    path = []
+    for lam in lambdas:
+        opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, tolerance_grad=1e-5, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(x @ W.T + b, y) + lam * W.square().sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        path.append((W.detach().clone(), b.detach().clone()))
+    return path
+
+
+def _accuracy(Wb, x, y) -> float:
+    W, b = Wb
+    return 100 * ((x @ W.T + b).argmax(1) == y).float().mean().item()
+
+
+def linear_probe(train, val, folds: int = 5, lambdas=LAMBDAS) -> tuple[float, float]:
+    """Standardised features, L2-regularised multinomial logistic regression; the L2 strength by stratified k-fold
+    cross-validation on the training split (the best mean fold accuracy; a tie goes to the stronger), refitted on
+    the whole training split. Returns (validation top-1 in %, the chosen strength)."""
+    (xtr, ytr), (xva, yva) = train, val
+    classes = int(ytr.max()) + 1
+    g = torch.Generator().manual_seed(0)
+    fold = torch.empty_like(ytr)
+    for c in range(classes):  # stratified: each class spread evenly over the folds
+        idx = (ytr == c).nonzero().squeeze(1)
+        fold[idx[torch.randperm(len(idx), generator=g)]] = torch.arange(len(idx)) % folds
+    scores = np.zeros((folds, len(lambdas)))
+    for f in range(folds):
+        fit, held = fold != f, fold == f
+        x_fit, x_held = _standardise(xtr[fit], xtr[held])
+        for j, Wb in enumerate(_logreg_path(x_fit, ytr[fit], classes, lambdas)):
+            scores[f, j] = _accuracy(Wb, x_held, ytr[held])
+    mean = scores.mean(0)
+    best = max(range(len(lambdas)), key=lambda j: (round(float(mean[j]), 6), -j))
+    x_fit, x_val = _standardise(xtr, xva)
+    return _accuracy(_logreg_path(x_fit, ytr, classes, lambdas[: best + 1])[-1], x_val, yva), lambdas[best]
+
+
+def probe(arch: str, state: dict | None, root: str, crop: int = CROP, seed: int = 0) -> float:
+    """The linear probe (top-1 %, held-out split) of a trunk: `state`, or a random one initialised under `seed`."""
+    model = trunk(arch, state, seed)
+    return linear_probe(features(model, root, "train", crop), features(model, root, "val", crop))[0]
+
+
+# ============ the benchmark ============
+
+# The HEXA study (--study hexa): each variant's settings against its base at the same recipe and learning rate
+# (the control: the base's row at that dataset and seed). (label, flags added to the variant's recipe).
+STUDY = {
+    "hexa_moco": [
+        ("", []),  # the default: the learning table's row
+        ("adversarial only", ["--mix-weight", "0"]),
+        ("cut-mixed only", ["--adv-weight", "0"]),
+        ("hard BN shared", ["--hard-bn", "shared"]),
+        ("hard BN separate", ["--hard-bn", "separate"]),
+        ("eps 4, 2 steps", ["--adv-eps", "4", "--adv-step", "2", "--adv-steps", "2"]),
+        ("eps 1", ["--adv-eps", "1", "--adv-step", "1"]),
+    ],
+    "hexa_dcluster": [
+        ("", []),  # the default: the learning table's row
+        ("adversarial only", ["--mix-weight", "0"]),
+        ("cut-mixed only", ["--adv-weight", "0"]),
+        ("hard crop = clean crop", ["--hard-scale", "crop"]),
+        ("hard BN own", ["--hard-bn", "own"]),
+        ("hard BN separate", ["--hard-bn", "separate"]),
+        ("eps 4, 2 steps", ["--adv-eps", "4", "--adv-step", "2", "--adv-steps", "2"]),
+        ("eps 1", ["--adv-eps", "1", "--adv-step", "1"]),
+    ],
+}
+BASE_OF = {"hexa_moco": "moco_v2", "hexa_dcluster": "deepcluster_v2", "mochi": "moco_v2"}
+
+
+def jobs_of(methods, reference: bool, study: bool) -> list[tuple]:
+    """(method, config label, extra flags) for one dataset and seed, bases first."""
+    if study:
+        todo = [(BASE_OF[v], "", []) for v in methods if v in STUDY]  # the controls: the learning table's rows
+        todo += [(v, label, flags) for v in methods if v in STUDY for label, flags in STUDY[v]]
+    else:
+        todo = [(m, "", []) for m in methods]
+        todo += [("supervised", "", [])] if reference else []
+    return list({(m, c): (m, c, f) for m, c, f in todo}.values())
+
+
+def _key(row) -> tuple:
+    return row["dataset"], row["seed"], row["method"], row.get("config", "")
+
+
+def run(methods=BASES, datasets=tuple(DATASETS), seeds=SEEDS, epochs: int = EPOCHS, reference: bool = True,
+        work_dir: str | None = None, log=print, jobs: int = 1, rows_path: str | None = None,
+        study: bool = False) -> list[dict]:  # fmt: skip
+    """Every dataset x seed x method, with the random trunk (method "random") and, with `reference`, the supervised
+    trunk (method "supervised") at each dataset and seed; with `study`, the HEXA configurations of STUDY and their
+    controls instead. `jobs` runs go at once (each with its share of the cores). With `rows_path`, every row is
+    appended there as a JSON line when it is done, and rows already there are not run again. Rows: dataset, seed,
+    method, config, epochs, probe (%), random (the random trunk's probe at that dataset and seed), seconds."""
+    import concurrent.futures
+    import json
+    import threading
+
+    done = {}
+    if rows_path and os.path.exists(rows_path):
+        for line in open(rows_path):
+            r = json.loads(line)
+            if r["epochs"] in (0, epochs):
+                done[_key(r)] = r
+    lock = threading.Lock()
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    if jobs > 1:
+        torch.set_num_threads(threads)
+
+    def keep(row):
+        with lock:
+            done[_key(row)] = row
+            if rows_path:
+                with open(rows_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        roots = {}
+        for spec in datasets:
+            for seed in seeds:
+                roots[spec, seed] = make_dataset(spec, seed, os.path.join(tmp, f"{spec}-{seed}".replace(":", "_")))
+                if (spec, seed, "random", "") not in done:
+                    acc = probe(ARCH, None, roots[spec, seed], seed=seed)
+                    keep(dict(dataset=spec, seed=seed, method="random", config="", epochs=0, probe=acc, random=acc,
+                              seconds=0.0))  # fmt: skip
+                log(f"{spec} seed {seed}: random trunk {done[spec, seed, 'random', '']['probe']:.1f} %")
+        todo = [(spec, seed, *job) for spec in datasets for seed in seeds for job in jobs_of(methods, reference, study)]
+        rank = {"supervised": 1, **{m: 0 for m in BASES}}  # the bases (the controls) and the references first
+        todo = sorted((t for t in todo if t[:4] not in done), key=lambda t: rank.get(t[2], 2))
+
+        def one(n, spec, seed, method, config, flags):
+            root, out = roots[spec, seed], os.path.join(tmp, f"run{n}")
+            if method == "supervised":
+                state, seconds = supervised(root, epochs, seed)
+            else:
+                env = {"OMP_NUM_THREADS": str(threads)} if jobs > 1 else {}
+                state, seconds = pretrain(method, root, out, epochs, seed, flags, env)
+            acc = probe(ARCH, state, root, seed=seed)
+            random_acc = done[spec, seed, "random", ""]["probe"]
+            keep(dict(dataset=spec, seed=seed, method=method, config=config, epochs=epochs, probe=acc,
+                      random=random_acc, seconds=seconds))  # fmt: skip
+            name = f"{method} ({config})" if config else method
+            log(f"{spec} seed {seed}: {name} {acc:.1f} % (random {random_acc:.1f} %), {seconds:.0f} s")
+            subprocess.run(["rm", "-rf", out])
+
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+            for f in [pool.submit(one, n, *t) for n, t in enumerate(todo)]:
+                f.result()
+    want = {(spec, seed) for spec in datasets for seed in seeds}
+    return [r for r in done.values() if (r["dataset"], r["seed"]) in want]
+
+
+def _spread(values) -> str:
+    lo, hi = min(values), max(values)
+    return f"{(lo + hi) / 2:.1f} ± {(hi - lo) / 2:.1f}"
+
+
+def _data_note(rows) -> str:
+    notes = []
+    for spec in dict.fromkeys(r["dataset"] for r in rows):
+        kw = parse_dataset(spec)[1]
+        notes.append(f"{spec}: {kw['kind']}, {kw['classes']} classes (chance {100 / kw['classes']:.1f} %), "
+                     f"{kw['train_per_class']} train / {kw['val_per_class']} held-out images per class, "
+                     f"{kw['size']} px")  # fmt: skip
+    return "Data: " + "; ".join(notes) + "."
 
 
 def table(rows) -> str:
+    """Markdown: one line per dataset and method; the probe at each seed (the random trunk's at that seed in
+    brackets), the mean ± half the range over seeds, the smallest gap to the random trunk over seeds, and whether
+    that gap exceeds the spread (the range) of the method's probe over seeds."""
+    rows = [r for r in rows if not r.get("config")]
     out = [
-        "| method | epochs | probe on pretrained trunk | probe on random trunk | gap | pretraining time |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| data | method | epochs | probe at each seed (random trunk) | probe, mean ± half-range | smallest gap "
+        "| gap > spread | time per run |",
+        "|---|---|---:|---|---:|---:|:---:|---:|",
     ]
-    out += [
-        f"| {r['method']} | {r['epochs']} | {r['pretrained']:.1f} % | {r['random']:.1f} % | "
-        f"{r['pretrained'] - r['random']:+.1f} | {r['pretrain_s']:.0f} s |"
-        for r in rows
-    ]
-    chance = 100 / DATA["classes"]
+    order = {m: i for i, m in enumerate(["random", *RECIPES, "supervised"])}
+    for spec in dict.fromkeys(r["dataset"] for r in rows):
+        sub = [r for r in rows if r["dataset"] == spec]
+        for method in sorted(dict.fromkeys(r["method"] for r in sub), key=lambda m: order.get(m, 99)):
+            rs = sorted((r for r in sub if r["method"] == method), key=lambda r: r["seed"])
+            accs = [r["probe"] for r in rs]
+            per_seed = ", ".join(f"s{r['seed']}: {r['probe']:.1f} ({r['random']:.1f})" for r in rs)
+            if method == "random":
+                out.append(f"| {spec} | random trunk | 0 | {per_seed} | {_spread(accs)} | | | |")
+                continue
+            gaps = [r["probe"] - r["random"] for r in rs]
+            ok = "yes" if min(gaps) > max(accs) - min(accs) else "**no**"
+            secs = np.mean([r["seconds"] for r in rs])
+            out.append(f"| {spec} | {method} | {rs[0]['epochs']} | {per_seed} | {_spread(accs)} | {min(gaps):+.1f} "
+                       f"| {ok} | {secs:.0f} s |")  # fmt: skip
     return "\n".join(out) + (
-        f"\n\nDataset: generated shapes, {DATA['classes']} classes (chance {chance:.1f} %), "
-        f"{DATA['train_per_class']} train / {DATA['val_per_class']} held-out images per class, "
-        f"{DATA['size']} px; resnet18 at 32 px."
+        f"\n\n{_data_note(rows)} {ARCH} at {CROP} px; the recipes of `benchmarks/learning.py`. Seed s draws the "
+        "data, the training run and the random trunk. Probe: standardised pooled features, logistic regression with "
+        "the L2 strength cross-validated on the training split. Supervised: the same trunk, epochs and crop, trained "
+        "on the labels (batch 64)."
+    )
+
+
+def study_table(rows) -> str:
+    """Markdown: one line per HEXA variant and configuration; its probe minus its base's (the control: the same
+    recipe and lr, the same dataset and seed) at each dataset and seed, the mean gain ± half its range."""
+    out = ["| variant | configuration | gain over the base at each dataset, seed | gain, mean ± half-range "
+           "| probe, mean | time per run |", "|---|---|---|---:|---:|---:|"]  # fmt: skip
+    control = {(r["dataset"], r["seed"], r["method"]): r for r in rows if not r.get("config")}
+    for variant, configs in STUDY.items():
+        base = BASE_OF[variant]
+        bs = [r for r in control.values() if r["method"] == base]
+        if bs:
+            accs = [r["probe"] for r in bs]
+            per = ", ".join(f"{r['dataset']} s{r['seed']}: {r['probe']:.1f}" for r in bs)
+            out.append(
+                f"| {base} | control | {per} | | {np.mean(accs):.1f} | {np.mean([r['seconds'] for r in bs]):.0f} s |"
+            )
+        for label, _ in configs:
+            rs = [r for r in rows if r["method"] == variant and r.get("config", "") == label]
+            rs = [(r, control[r["dataset"], r["seed"], base]) for r in rs if (r["dataset"], r["seed"], base) in control]
+            if not rs:
+                continue
+            gains = [r["probe"] - c["probe"] for r, c in rs]
+            per = ", ".join(f"{r['dataset']} s{r['seed']}: {g:+.1f}" for (r, _), g in zip(rs, gains))
+            secs = np.mean([r["seconds"] for r, _ in rs])
+            mean = np.mean([r["probe"] for r, _ in rs])
+            out.append(f"| {variant} | {label or 'default'} | {per} | {_spread(gains)} | {mean:.1f} | {secs:.0f} s |")
+    eps = max((r["epochs"] for r in rows), default="?")
+    return "\n".join(out) + (
+        f"\n\n{_data_note(rows)} {eps} epochs, {ARCH} at {CROP} px, each variant with its base's recipe and lr "
+        "(`benchmarks/learning.py`); the probe as in the learning table."
     )
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="*", default=list(RECIPES))
+    p.add_argument("--methods", nargs="*", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--datasets", nargs="*", default=list(DATASETS), help="name or name:key=value,... (see above)")
+    p.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
     p.add_argument("--epochs", type=int, default=EPOCHS)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-supervised", dest="reference", action="store_false", help="skip the supervised reference")
+    p.add_argument("--study", choices=["hexa"], default=None, help="the HEXA ablation (STUDY) instead")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each with its share of the cores (default 1)")
+    p.add_argument("--rows", default=None, help="append each row to this JSON-lines file; skip rows already there")
+    p.add_argument("--work-dir", default=None, help="where the data and runs go (a temporary folder inside it)")
     a = p.parse_args()
-    print(table(run(a.methods, a.epochs, a.seed)))
+    for spec in a.datasets:
+        parse_dataset(spec)  # fail early on a bad spec
+    methods = [m for m in a.methods if m in STUDY] if a.study else a.methods
+    rows = run(methods, a.datasets, a.seeds, a.epochs, a.reference, a.work_dir, jobs=a.jobs, rows_path=a.rows,
+               study=bool(a.study))  # fmt: skip
+    print(study_table(rows) if a.study else table(rows))
