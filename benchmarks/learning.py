@@ -438,7 +438,16 @@ if __name__ == "__main__":
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each with its share of the cores (default 1)")
     p.add_argument("--rows", default=None, help="append each row to this JSON-lines file; skip rows already there")
     p.add_argument("--work-dir", default=None, help="where the data and runs go (a temporary folder inside it)")
+    p.add_argument("--report", action="store_true", help="print the tables of the --rows file; run nothing")
     a = p.parse_args()
+    if a.report:
+        import json
+
+        rows = [json.loads(line) for line in open(a.rows)] if a.rows and os.path.exists(a.rows) else []
+        if not rows:
+            sys.exit(f"error: --report needs a --rows file with rows, not {a.rows}")
+        print(table(rows) + "\n\n" + study_table(rows))
+        sys.exit(0)
     for spec in a.datasets:
         parse_dataset(spec)  # fail early on a bad spec
     methods = [m for m in a.methods if m in STUDY] if a.study else a.methods
