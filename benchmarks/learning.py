@@ -435,6 +435,7 @@ if __name__ == "__main__":
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--no-supervised", dest="reference", action="store_false", help="skip the supervised reference")
     p.add_argument("--study", choices=["hexa"], default=None, help="the HEXA ablation (STUDY) instead")
+    p.add_argument("--configs", nargs="*", default=None, help="with --study: only these labels (and the controls)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each with its share of the cores (default 1)")
     p.add_argument("--rows", default=None, help="append each row to this JSON-lines file; skip rows already there")
     p.add_argument("--work-dir", default=None, help="where the data and runs go (a temporary folder inside it)")
@@ -451,6 +452,12 @@ if __name__ == "__main__":
     for spec in a.datasets:
         parse_dataset(spec)  # fail early on a bad spec
     methods = [m for m in a.methods if m in STUDY] if a.study else a.methods
+    if a.configs is not None:
+        unknown = set(a.configs) - {label for configs in STUDY.values() for label, _ in configs}
+        if unknown:
+            sys.exit(f"error: unknown --configs {sorted(unknown)}; see STUDY in {__file__}")
+        for v in STUDY:
+            STUDY[v] = [(label, flags) for label, flags in STUDY[v] if label in a.configs]
     rows = run(methods, a.datasets, a.seeds, a.epochs, a.reference, a.work_dir, jobs=a.jobs, rows_path=a.rows,
                study=bool(a.study))  # fmt: skip
     print(study_table(rows) if a.study else table(rows))

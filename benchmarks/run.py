@@ -1,6 +1,6 @@
 """All the benchmarks in one command: prints markdown tables and writes them to BENCHMARKS.md.
 
-    python -m benchmarks.run --device cpu      # the CPU part of BENCHMARKS.md (about an hour with the learning runs)
+    python -m benchmarks.run --device cpu      # the CPU part of BENCHMARKS.md (the learning runs: hours)
     python -m benchmarks.run --device cuda     # the GPU part: ResNet-50 at 224 px, batches 32 and 64 (minutes)
     python -m benchmarks.run --quick --output /tmp/b.md    # every section at tiny sizes: a dry run in minutes
     python -m benchmarks.run --skip learning   # any of: steps loading kmeans pipelines learning
@@ -152,7 +152,7 @@ def main():
     for key, value in PRESETS["quick" if o.quick else o.device].items():
         if getattr(o, key) is None:
             setattr(o, key, value)
-    if o.skip is None:  # the learning runs are the CPU part's (ResNet-18 at 32 px, an hour on 2 cores)
+    if o.skip is None:  # the learning runs are the CPU part's (ResNet-18 at 32 px; about 3 hours on 2 cores)
         o.skip = ["learning"] if o.quick or o.device == "cuda" else []
     if o.quick:
         o.skip = sorted(set(o.skip) | {"learning"})
@@ -178,7 +178,8 @@ def main():
         )
     if "learning" not in o.skip:
         print("learning ...", flush=True)
-        sections.append(("Learning: linear probe after a short pretraining", learning.table(learning.run())))
+        rows = learning.run(methods=tuple(learning.RECIPES), jobs=2)
+        sections.append(("Learning: linear probe after a short pretraining", learning.table(rows)))
     command = " ".join(["python -m benchmarks.run", *sys.argv[1:]])
     title = "GPU" if o.device == "cuda" else "CPU"
     part = f"## {title}\n\n{datetime.date.today()}; {machine()}.\n\nCommand: `{command}`\n"

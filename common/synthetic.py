@@ -9,13 +9,13 @@ Two kinds (`kind=`):
   (an alphabet drawn from the seed, so every seed has its own glyphs; no two glyphs of an alphabet, or one and the
   other's mirror image, overlap by more than half, since the views are flipped). The class is in the arrangement of
   the strokes. The nuisances: the glyph's position, size (50-85 % of the image side), a small rotation (+-10 deg),
-  a jitter of every stroke end, the stroke width, the ink colour (any RGB) and the background (any RGB colour, a
-  linear shading in a random direction, pixel noise); the ink is lighter or darker than the background, by a
-  luminance contrast of at least 50 / 255.
+  a jitter of every stroke end, the stroke width, the ink colour and the background (each a random luminance with a
+  tint of random hue; the background also shaded linearly in a random direction, and pixel noise); the ink is
+  lighter or darker than the background by a luminance contrast of 50 to 100 / 255.
 
 Both put the class in the geometry, which the methods' crops and colour jitter keep, and draw the nuisances from
 what those augmentations vary (position, scale, colour, brightness), so a randomly initialised network, which does
-not ignore them, probes poorly, while a network that learned the augmentations' invariances should probe well.
+not ignore them, probes worse than a network that learned the augmentations' invariances.
 
     python -m common.synthetic OUT [--kind shapes|glyphs] [--classes 4] [--train-per-class 32] [--val-per-class 8]
                                    [--size 48] [--seed 0]
