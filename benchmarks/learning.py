@@ -24,11 +24,15 @@ fine-tuning protocols: random resized crop and flip), then the same probe on its
 """
 
 import argparse
+import concurrent.futures
+import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -242,35 +246,40 @@ def probe(arch: str, state: dict | None, root: str, crop: int = CROP, seed: int 
 
 # The HEXA study (--study hexa): each variant's settings against its base at the same recipe and learning rate
 # (the control: the base's row at that dataset and seed). (label, flags added to the variant's recipe).
+_KINDS = [
+    ("", []),  # the default: the learning table's row
+    ("adversarial only", ["--mix-weight", "0"]),
+    ("cut-mixed only", ["--adv-weight", "0"]),
+]
+_EPS = [
+    ("eps 4, 2 steps", ["--adv-eps", "4", "--adv-step", "2", "--adv-steps", "2"]),
+    ("eps 1", ["--adv-eps", "1", "--adv-step", "1"]),
+]
 STUDY = {
     "hexa_moco": [
-        ("", []),  # the default: the learning table's row
-        ("adversarial only", ["--mix-weight", "0"]),
-        ("cut-mixed only", ["--adv-weight", "0"]),
+        *_KINDS,
         ("hard BN shared", ["--hard-bn", "shared"]),
         ("hard BN separate", ["--hard-bn", "separate"]),
-        ("eps 4, 2 steps", ["--adv-eps", "4", "--adv-step", "2", "--adv-steps", "2"]),
-        ("eps 1", ["--adv-eps", "1", "--adv-step", "1"]),
+        *_EPS,
     ],
     "hexa_dcluster": [
-        ("", []),  # the default: the learning table's row
-        ("adversarial only", ["--mix-weight", "0"]),
-        ("cut-mixed only", ["--adv-weight", "0"]),
+        *_KINDS,
         ("hard crop = clean crop", ["--hard-scale", "crop"]),
         ("hard BN own", ["--hard-bn", "own"]),
         ("hard BN separate", ["--hard-bn", "separate"]),
-        ("eps 4, 2 steps", ["--adv-eps", "4", "--adv-step", "2", "--adv-steps", "2"]),
-        ("eps 1", ["--adv-eps", "1", "--adv-step", "1"]),
+        *_EPS,
     ],
 }
 BASE_OF = {"hexa_moco": "moco_v2", "hexa_dcluster": "deepcluster_v2", "mochi": "moco_v2"}
 
 
-def jobs_of(methods, reference: bool, study: bool) -> list[tuple]:
-    """(method, config label, extra flags) for one dataset and seed, bases first."""
+def jobs_of(methods, reference: bool, study: bool, configs=None) -> list[tuple]:
+    """(method, config label, extra flags) for one dataset and seed; with `study`, the STUDY settings (only the
+    labels in `configs`, when given) of the variants in `methods` and their controls."""
     if study:
         todo = [(BASE_OF[v], "", []) for v in methods if v in STUDY]  # the controls: the learning table's rows
-        todo += [(v, label, flags) for v in methods if v in STUDY for label, flags in STUDY[v]]
+        todo += [(v, label, flags) for v in methods if v in STUDY for label, flags in STUDY[v]
+                 if configs is None or label in configs]  # fmt: skip
     else:
         todo = [(m, "", []) for m in methods]
         todo += [("supervised", "", [])] if reference else []
@@ -283,16 +292,13 @@ def _key(row) -> tuple:
 
 def run(methods=BASES, datasets=tuple(DATASETS), seeds=SEEDS, epochs: int = EPOCHS, reference: bool = True,
         work_dir: str | None = None, log=print, jobs: int = 1, rows_path: str | None = None,
-        study: bool = False) -> list[dict]:  # fmt: skip
+        study: bool = False, configs=None) -> list[dict]:  # fmt: skip
     """Every dataset x seed x method, with the random trunk (method "random") and, with `reference`, the supervised
-    trunk (method "supervised") at each dataset and seed; with `study`, the HEXA configurations of STUDY and their
-    controls instead. `jobs` runs go at once (each with its share of the cores). With `rows_path`, every row is
-    appended there as a JSON line when it is done, and rows already there are not run again. Rows: dataset, seed,
-    method, config, epochs, probe (%), random (the random trunk's probe at that dataset and seed), seconds."""
-    import concurrent.futures
-    import json
-    import threading
-
+    trunk (method "supervised") at each dataset and seed; with `study`, the HEXA configurations of STUDY and
+    their controls instead (only the labels in `configs`, when given). `jobs` runs go at once (each with its
+    share of the cores). With `rows_path`, every row is appended there as a JSON line when it is done, and rows
+    already there are not run again. Rows: dataset, seed, method, config, epochs, probe (%), random (the random
+    trunk's probe at that dataset and seed), seconds."""
     done = {}
     if rows_path and os.path.exists(rows_path):
         for line in open(rows_path):
@@ -321,7 +327,12 @@ def run(methods=BASES, datasets=tuple(DATASETS), seeds=SEEDS, epochs: int = EPOC
                     keep(dict(dataset=spec, seed=seed, method="random", config="", epochs=0, probe=acc, random=acc,
                               seconds=0.0))  # fmt: skip
                 log(f"{spec} seed {seed}: random trunk {done[spec, seed, 'random', '']['probe']:.1f} %")
-        todo = [(spec, seed, *job) for spec in datasets for seed in seeds for job in jobs_of(methods, reference, study)]
+        todo = [
+            (spec, seed, *job)
+            for spec in datasets
+            for seed in seeds
+            for job in jobs_of(methods, reference, study, configs)
+        ]
         rank = {"supervised": 1, **{m: 0 for m in BASES}}  # the bases (the controls) and the references first
         todo = sorted((t for t in todo if t[:4] not in done), key=lambda t: rank.get(t[2], 2))
 
@@ -338,7 +349,7 @@ def run(methods=BASES, datasets=tuple(DATASETS), seeds=SEEDS, epochs: int = EPOC
                       random=random_acc, seconds=seconds))  # fmt: skip
             name = f"{method} ({config})" if config else method
             log(f"{spec} seed {seed}: {name} {acc:.1f} % (random {random_acc:.1f} %), {seconds:.0f} s")
-            subprocess.run(["rm", "-rf", out])
+            shutil.rmtree(out, ignore_errors=True)
 
         with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
             for f in [pool.submit(one, n, *t) for n, t in enumerate(todo)]:
@@ -442,8 +453,6 @@ if __name__ == "__main__":
     p.add_argument("--report", action="store_true", help="print the tables of the --rows file; run nothing")
     a = p.parse_args()
     if a.report:
-        import json
-
         rows = [json.loads(line) for line in open(a.rows)] if a.rows and os.path.exists(a.rows) else []
         if not rows:
             sys.exit(f"error: --report needs a --rows file with rows, not {a.rows}")
@@ -452,12 +461,9 @@ if __name__ == "__main__":
     for spec in a.datasets:
         parse_dataset(spec)  # fail early on a bad spec
     methods = [m for m in a.methods if m in STUDY] if a.study else a.methods
-    if a.configs is not None:
-        unknown = set(a.configs) - {label for configs in STUDY.values() for label, _ in configs}
-        if unknown:
-            sys.exit(f"error: unknown --configs {sorted(unknown)}; see STUDY in {__file__}")
-        for v in STUDY:
-            STUDY[v] = [(label, flags) for label, flags in STUDY[v] if label in a.configs]
+    unknown = set(a.configs or ()) - {label for configs in STUDY.values() for label, _ in configs}
+    if unknown:
+        sys.exit(f"error: unknown --configs {sorted(unknown)}; see STUDY in {__file__}")
     rows = run(methods, a.datasets, a.seeds, a.epochs, a.reference, a.work_dir, jobs=a.jobs, rows_path=a.rows,
-               study=bool(a.study))  # fmt: skip
+               study=bool(a.study), configs=a.configs)  # fmt: skip
     print(study_table(rows) if a.study else table(rows))
