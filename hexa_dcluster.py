@@ -39,7 +39,7 @@ from common import ckpt, dist
 from common.cli import UserError, run
 from common.data import ImageFolder, train_loader
 from common.meters import Progress, log_epoch
-from common.monitor import check_health, embedding_spread, knn_monitor, largest_cluster
+from common.monitor import assignment_change, check_health, cluster_sizes, embedding_spread, knn_monitor
 from common.views import MEAN, STD, MultiCrop  # HEXA: MEAN, STD: the attack works on pixels
 
 METHOD = "hexa_dcluster"  # HEXA: the name in checkpoints and output folders
@@ -528,6 +528,7 @@ def main(args):
     memory = (local_memory_index, local_memory_embeddings)
 
     # ============ training loop ============
+    previous = None  # the last epoch's assignments, for train/assign_nmi and train/assign_changed
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         t0 = time.perf_counter()
@@ -560,7 +561,9 @@ def main(args):
         ckpt.save(state, args.output_dir, keep, latest_only=("memory",))  # kept copies: no bank (rebuilt on resume)
         del gathered, state
         stats["train/embed_spread"] = embedding_spread(local_memory_embeddings[0])  # this process's bank: M x D
-        stats["train/largest_cluster"] = largest_cluster(assignments)  # of the epoch's k-means, H x N
+        # the epoch's k-means (H x N): cluster sizes, and how many images moved since the last epoch's
+        stats.update(cluster_sizes(assignments, args.nmb_prototypes), **assignment_change(assignments, previous))
+        previous = assignments
         if knn and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             stats.update(knn(model_without_ddp.backbone))
         log_epoch(args.output_dir, {"epoch": epoch + 1, **stats, f"train/{METHOD}/kmeans_s": kmeans_s})

@@ -52,6 +52,7 @@ ARCH, CROP, BATCH = "resnet18", 32, 64  # BATCH: the supervised reference's; the
 DATASETS = {
     "shapes": dict(kind="shapes", classes=6, train_per_class=250, val_per_class=100, size=40),
     "glyphs": dict(kind="glyphs", classes=8, train_per_class=200, val_per_class=100, size=40),
+    "textures": dict(kind="textures", classes=8, train_per_class=200, val_per_class=100, size=40),
 }
 SEEDS = (0, 1)
 EPOCHS = 30
@@ -213,10 +214,11 @@ def _accuracy(Wb, x, y) -> float:
     return 100 * ((x @ W.T + b).argmax(1) == y).float().mean().item()
 
 
-def linear_probe(train, val, folds: int = 5, lambdas=LAMBDAS) -> tuple[float, float]:
+def linear_probe(train, val, folds: int = 5, lambdas=LAMBDAS) -> tuple[float, float, float]:
     """Standardised features, L2-regularised multinomial logistic regression; the L2 strength by stratified k-fold
     cross-validation on the training split (the best mean fold accuracy; a tie goes to the stronger), refitted on
-    the whole training split. Returns (validation top-1 in %, the chosen strength)."""
+    the whole training split. Returns (validation top-1 in %, the chosen strength, its cross-validated top-1 in % on
+    the training split: a score that never reads the held-out split, for choosing settings)."""
     (xtr, ytr), (xva, yva) = train, val
     classes = int(ytr.max()) + 1
     g = torch.Generator().manual_seed(0)
@@ -233,13 +235,43 @@ def linear_probe(train, val, folds: int = 5, lambdas=LAMBDAS) -> tuple[float, fl
     mean = scores.mean(0)
     best = max(range(len(lambdas)), key=lambda j: (round(float(mean[j]), 6), -j))
     x_fit, x_val = _standardise(xtr, xva)
-    return _accuracy(_logreg_path(x_fit, ytr, classes, lambdas[: best + 1])[-1], x_val, yva), lambdas[best]
+    acc = _accuracy(_logreg_path(x_fit, ytr, classes, lambdas[: best + 1])[-1], x_val, yva)
+    return acc, lambdas[best], float(mean[best])
 
 
-def probe(arch: str, state: dict | None, root: str, crop: int = CROP, seed: int = 0) -> float:
-    """The linear probe (top-1 %, held-out split) of a trunk: `state`, or a random one initialised under `seed`."""
+@torch.no_grad()
+def reestimate_bn(model: torch.nn.Module, root: str, crop: int = CROP, batch: int = BATCH, seed: int = 0):
+    """Replace the running statistics of every BatchNorm layer of `model` by their average over one pass of the
+    training split in the probe's view (centre crops, clean), in train mode without gradients: the cumulative
+    average (momentum None) of the batch statistics of `batch` images. Only the running statistics change, and the
+    model is left in eval mode. Tells whether a trunk's loss is in its running statistics or in its weights."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    dataset = ImageFolder(os.path.join(root, "train"), eval_val_view(crop))
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for x, _ in torch.utils.data.DataLoader(dataset, batch, shuffle=True, drop_last=True, generator=g):
+        model(x)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    return model.eval()
+
+
+def probe(arch: str, state: dict | None, root: str, crop: int = CROP, seed: int = 0, bn: bool = False) -> dict:
+    """The linear probe of a trunk (`state`, or a random one initialised under `seed`): "probe" (top-1 %, held-out
+    split) and "cv" (cross-validated top-1 %, training split); with `bn`, also "probe_bn" and "cv_bn", the same
+    after reestimate_bn."""
     model = trunk(arch, state, seed)
-    return linear_probe(features(model, root, "train", crop), features(model, root, "val", crop))[0]
+    acc, _, cv = linear_probe(features(model, root, "train", crop), features(model, root, "val", crop))
+    out = {"probe": acc, "cv": cv}
+    if bn:
+        model = reestimate_bn(model, root, crop, seed=seed)
+        acc, _, cv = linear_probe(features(model, root, "train", crop), features(model, root, "val", crop))
+        out.update(probe_bn=acc, cv_bn=cv)
+    return out
 
 
 # ============ the benchmark ============
@@ -292,13 +324,15 @@ def _key(row) -> tuple:
 
 def run(methods=BASES, datasets=tuple(DATASETS), seeds=SEEDS, epochs: int = EPOCHS, reference: bool = True,
         work_dir: str | None = None, log=print, jobs: int = 1, rows_path: str | None = None,
-        study: bool = False, configs=None) -> list[dict]:  # fmt: skip
+        study: bool = False, configs=None, trunks_dir: str | None = None) -> list[dict]:  # fmt: skip
     """Every dataset x seed x method, with the random trunk (method "random") and, with `reference`, the supervised
     trunk (method "supervised") at each dataset and seed; with `study`, the HEXA configurations of STUDY and
     their controls instead (only the labels in `configs`, when given). `jobs` runs go at once (each with its
     share of the cores). With `rows_path`, every row is appended there as a JSON line when it is done, and rows
     already there are not run again. Rows: dataset, seed, method, config, epochs, probe (%), random (the random
-    trunk's probe at that dataset and seed), seconds."""
+    trunk's probe at that dataset and seed), seconds; cv (the probe's cross-validated accuracy on the training split),
+    probe_bn and cv_bn (the same after re-estimating the BatchNorm statistics: reestimate_bn). With `trunks_dir`, each
+    run's trunk is saved there."""
     done = {}
     if rows_path and os.path.exists(rows_path):
         for line in open(rows_path):
@@ -323,8 +357,8 @@ def run(methods=BASES, datasets=tuple(DATASETS), seeds=SEEDS, epochs: int = EPOC
             for seed in seeds:
                 roots[spec, seed] = make_dataset(spec, seed, os.path.join(tmp, f"{spec}-{seed}".replace(":", "_")))
                 if (spec, seed, "random", "") not in done:
-                    acc = probe(ARCH, None, roots[spec, seed], seed=seed)
-                    keep(dict(dataset=spec, seed=seed, method="random", config="", epochs=0, probe=acc, random=acc,
+                    p = probe(ARCH, None, roots[spec, seed], seed=seed, bn=True)
+                    keep(dict(dataset=spec, seed=seed, method="random", config="", epochs=0, **p, random=p["probe"],
                               seconds=0.0))  # fmt: skip
                 log(f"{spec} seed {seed}: random trunk {done[spec, seed, 'random', '']['probe']:.1f} %")
         todo = [
@@ -343,10 +377,16 @@ def run(methods=BASES, datasets=tuple(DATASETS), seeds=SEEDS, epochs: int = EPOC
             else:
                 env = {"OMP_NUM_THREADS": str(threads)} if jobs > 1 else {}
                 state, seconds = pretrain(method, root, out, epochs, seed, flags, env)
-            acc = probe(ARCH, state, root, seed=seed)
-            random_acc = done[spec, seed, "random", ""]["probe"]
-            keep(dict(dataset=spec, seed=seed, method=method, config=config, epochs=epochs, probe=acc,
-                      random=random_acc, seconds=seconds))  # fmt: skip
+            if trunks_dir:
+                os.makedirs(trunks_dir, exist_ok=True)
+                name = f"{spec}-s{seed}-{method}-{config or 'default'}.pth".replace(" ", "_").replace(":", "_")
+                torch.save(state, os.path.join(trunks_dir, name))
+                if os.path.exists(os.path.join(out, "log.jsonl")):  # the run's per-epoch log beside its trunk
+                    shutil.copy(os.path.join(out, "log.jsonl"), os.path.join(trunks_dir, name[:-4] + ".jsonl"))
+            p = probe(ARCH, state, root, seed=seed, bn=True)
+            acc, random_acc = p["probe"], done[spec, seed, "random", ""]["probe"]
+            keep(dict(dataset=spec, seed=seed, method=method, config=config, epochs=epochs, **p, random=random_acc,
+                      seconds=seconds))  # fmt: skip
             name = f"{method} ({config})" if config else method
             log(f"{spec} seed {seed}: {name} {acc:.1f} % (random {random_acc:.1f} %), {seconds:.0f} s")
             shutil.rmtree(out, ignore_errors=True)
@@ -451,6 +491,7 @@ if __name__ == "__main__":
     p.add_argument("--rows", default=None, help="append each row to this JSON-lines file; skip rows already there")
     p.add_argument("--work-dir", default=None, help="where the data and runs go (a temporary folder inside it)")
     p.add_argument("--report", action="store_true", help="print the tables of the --rows file; run nothing")
+    p.add_argument("--trunks", default=None, help="save each run's trunk and log.jsonl in this folder")
     a = p.parse_args()
     if a.report:
         rows = [json.loads(line) for line in open(a.rows)] if a.rows and os.path.exists(a.rows) else []
@@ -465,5 +506,5 @@ if __name__ == "__main__":
     if unknown:
         sys.exit(f"error: unknown --configs {sorted(unknown)}; see STUDY in {__file__}")
     rows = run(methods, a.datasets, a.seeds, a.epochs, a.reference, a.work_dir, jobs=a.jobs, rows_path=a.rows,
-               study=bool(a.study), configs=a.configs)  # fmt: skip
+               study=bool(a.study), configs=a.configs, trunks_dir=a.trunks)  # fmt: skip
     print(study_table(rows) if a.study else table(rows))

@@ -259,6 +259,57 @@ def largest_cluster(assignments: torch.Tensor) -> float:
     return max(fractions, default=0.0)
 
 
+@torch.no_grad()
+def assignment_change(assignments: torch.Tensor, previous: torch.Tensor | None) -> dict:
+    """How much an epoch's k-means moved the images between clusters, from the last epoch's (both H x N, -100 for
+    unassigned images; cluster ids are arbitrary, k-means starts anew every epoch). Per head, over the images
+    assigned in both: NMI, the normalised mutual information of the two partitions (DeepCluster, Caron et al. 2018,
+    Fig. 2: 1 = the same partition), and the fraction of images that changed cluster, each new cluster matched to
+    the last epoch's cluster holding most of its images (0 = no image moved). Means over heads; {} without a
+    previous epoch."""
+    if previous is None:
+        return {}
+    nmi, changed = [], []
+    for a, b in zip(assignments, previous):
+        keep = (a != -100) & (b != -100)
+        a, b = a[keep], b[keep]
+        if not a.numel():
+            continue
+        _, a = a.unique(return_inverse=True)  # dense ids 0..Ka-1
+        _, b = b.unique(return_inverse=True)
+        joint = torch.zeros(int(a.max()) + 1, int(b.max()) + 1, dtype=torch.float64, device=a.device)
+        joint.index_put_((a, b), torch.ones_like(a, dtype=torch.float64), accumulate=True)
+        p = joint / a.numel()  # Ka x Kb joint distribution
+        pa, pb = p.sum(1), p.sum(0)
+        mi = (p * (p / (pa[:, None] * pb[None, :])).log()).nansum()
+        ha, hb = -(pa * pa.log()).sum(), -(pb * pb.log()).sum()
+        nmi.append(float(mi / ((ha * hb).sqrt()).clamp(min=1e-12)) if ha > 0 and hb > 0 else float(ha == hb))
+        changed.append(1.0 - float(joint.max(1).values.sum() / a.numel()))
+    if not nmi:
+        return {}
+    return {"train/assign_nmi": sum(nmi) / len(nmi), "train/assign_changed": sum(changed) / len(changed)}
+
+
+@torch.no_grad()
+def cluster_sizes(assignments: torch.Tensor, clusters) -> dict:
+    """The spread of cluster sizes of an epoch's k-means (H x N assignments, -100 ignored; clusters: K_h per head):
+    largest_cluster; the fraction of empty clusters and the ratio of the largest cluster to the mean size N / K_h,
+    means over heads (1 = every cluster the same size)."""
+    empty, ratio = [], []
+    for a, k in zip(assignments, clusters):
+        a = a[a != -100]
+        if a.numel():
+            counts = torch.bincount(a, minlength=k)
+            empty.append(float((counts == 0).float().mean()))
+            ratio.append(float(counts.max()) * k / a.numel())
+    n = max(len(empty), 1)
+    return {
+        "train/largest_cluster": largest_cluster(assignments),
+        "train/empty_clusters": sum(empty) / n,
+        "train/largest_over_mean": sum(ratio) / n,
+    }
+
+
 def _warn(line: str) -> str:
     dist.print0("warning: " + line)
     return "warning: " + line

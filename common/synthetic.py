@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "hbars", "vbars", "diamond", "dots", "x")
-KINDS = ("shapes", "glyphs")
+KINDS = ("shapes", "glyphs", "textures")
 MAX_GLYPHS = 32
 # The glyphs' geometry: strokes per glyph, largest overlap between two glyphs, box side (fraction of the image),
 # rotation (degrees), jitter of the stroke ends (grid units), stroke width (fraction of the box side).
@@ -172,6 +172,77 @@ def draw_glyph(strokes, size: int, rng: np.random.Generator, supersample: int = 
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
+# ============ textures ============
+
+# Each texture class is one kind of element, repeated over the whole image on a jittered lattice. The kinds differ
+# in orientation structure and form, and none changes class under a horizontal flip (the views flip).
+TEXTONS = ("horizontal", "vertical", "diagonals", "plus", "saltire", "dot", "ring", "corner")
+# The textures' geometry: lattice step (fraction of the image side), element size (fraction of the step), jitter
+# of each element's position (fraction of the step) and orientation (degrees), stroke width (pixels).
+TEXTURE = dict(period=(0.18, 0.28), element=(0.55, 0.8), jitter=0.15, rotation=12, width=(1.3, 2.2))
+
+
+def _texton(d, kind: str, c: np.ndarray, r: float, t: float, w: float, rng: np.random.Generator, fill=255) -> None:
+    """Draw one element of `kind` centred at c (pixels), half-size r, turned by t radians, strokes w pixels wide."""
+
+    def seg(a, b):  # a stroke from angle-free offsets a to b, turned by t
+        rot = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
+        p, q = c + rot @ np.asarray(a, float), c + rot @ np.asarray(b, float)
+        d.line((*p, *q), fill=fill, width=max(1, int(round(w))))
+
+    if kind == "horizontal":
+        seg((-r, 0), (r, 0))
+    elif kind == "vertical":
+        seg((0, -r), (0, r))
+    elif kind == "diagonals":  # one diagonal, either way
+        seg((-r, -r), (r, r)) if rng.random() < 0.5 else seg((-r, r), (r, -r))
+    elif kind == "plus":
+        seg((-r, 0), (r, 0))
+        seg((0, -r), (0, r))
+    elif kind == "saltire":
+        seg((-r, -r), (r, r))
+        seg((-r, r), (r, -r))
+    elif kind == "dot":
+        d.ellipse((c[0] - r / 2, c[1] - r / 2, c[0] + r / 2, c[1] + r / 2), fill=fill)
+    elif kind == "ring":
+        d.ellipse((c[0] - r, c[1] - r, c[0] + r, c[1] + r), outline=fill, width=max(1, int(round(w))))
+    elif kind == "corner":  # an L at any of its 4 right-angle orientations
+        sx, sy = rng.choice([-1, 1], 2)
+        seg((-r * sx, -r * sy), (-r * sx, r * sy))
+        seg((-r * sx, r * sy), (r * sx, r * sy))
+
+
+def draw_texture(kind: str, size: int, rng: np.random.Generator, supersample: int = 4) -> Image.Image:
+    """One image of a texture: elements of `kind` on a jittered lattice over the whole image, with a random step
+    (18-28 % of the side: 4 to 6 elements across), element size, position and orientation jitter (+-12 deg), stroke
+    width, ink and background (as the glyphs': random luminances and tints, the background shaded and noisy)."""
+    bg = _colour(rng, rng.uniform(40, 215))
+    angle = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1) - 0.5
+    shade = rng.uniform(0, 60) * (np.cos(angle) * xx + np.sin(angle) * yy)
+    canvas = bg + shade[..., None] + rng.normal(0, 10, (size, size, 3))
+    lum = _luminance(bg)
+    contrast = rng.choice([-1, 1]) * rng.uniform(50, 100)
+    if not 0 <= lum + contrast <= 255:
+        contrast = -contrast
+    ink = _colour(rng, lum + contrast)
+    step = rng.uniform(*TEXTURE["period"]) * size
+    r = rng.uniform(*TEXTURE["element"]) * step / 2
+    w = rng.uniform(*TEXTURE["width"])
+    S = size * supersample
+    mask = Image.new("L", (S, S))
+    d = ImageDraw.Draw(mask)
+    origin = rng.uniform(0, step, 2)
+    for gy in np.arange(origin[1] - step, size + step, step):
+        for gx in np.arange(origin[0] - step, size + step, step):
+            c = np.array([gx, gy]) + rng.normal(0, TEXTURE["jitter"] * step, 2)
+            t = math.radians(rng.uniform(-TEXTURE["rotation"], TEXTURE["rotation"]))
+            _texton(d, kind, supersample * c, supersample * r, t, supersample * w, rng)
+    alpha = np.asarray(mask.resize((size, size), Image.Resampling.BOX), dtype=np.float64)[..., None] / 255
+    img = (1 - alpha) * canvas + alpha * (ink + rng.normal(0, 6, (size, size, 3)))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
 def make_image_folder(
     root: str,
     classes: int = 4,
@@ -185,15 +256,17 @@ def make_image_folder(
     docstring); the seed draws the images and, for glyphs, the alphabet."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    limit = len(SHAPES) if kind == "shapes" else MAX_GLYPHS
+    limit = {"shapes": len(SHAPES), "glyphs": MAX_GLYPHS, "textures": len(TEXTONS)}[kind]
     if not 1 <= classes <= limit:
         raise ValueError(f"classes must be in 1..{limit} for {kind}")
     rng = np.random.default_rng(seed)
     if kind == "shapes":
         names, painters = SHAPES[:classes], [lambda r, s=s: draw(s, size, r) for s in SHAPES[:classes]]
-    else:
+    elif kind == "glyphs":
         names = [f"glyph{c:02d}" for c in range(classes)]
         painters = [lambda r, g=g: draw_glyph(g, size, r) for g in glyph_alphabet(classes, seed)]
+    else:
+        names, painters = TEXTONS[:classes], [lambda r, t=t: draw_texture(t, size, r) for t in TEXTONS[:classes]]
     for split, n in (("train", train_per_class), ("val", val_per_class)):
         for name, paint in zip(names, painters):
             folder = os.path.join(root, split, name)

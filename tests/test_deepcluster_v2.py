@@ -206,6 +206,8 @@ def test_end_to_end(pretrained):
     assert [r["epoch"] for r in log] == [1, 2]
     assert all(np.isfinite(r["train/loss"]) and r["train/loss"] > 0 for r in log)
     assert all(0 < r["train/largest_cluster"] <= 1 and r["train/embed_spread"] > 0 for r in log)
+    assert all(0 <= r["train/empty_clusters"] < 1 and r["train/largest_over_mean"] >= 1 for r in log)
+    assert "train/assign_nmi" not in log[0] and 0 <= log[1]["train/assign_changed"] <= 1  # from the second epoch
     assert 0 <= log[-1]["knn/acc1"] <= 100
     check_checkpoint(out / "checkpoint.pth", epochs=2, nproc=1)
 

@@ -14,10 +14,12 @@ from conftest import snapshot
 from common.cli import UserError
 from common.monitor import (
     KNNMonitor,
+    assignment_change,
     balanced_subset,
     check_largest_cluster,
     check_loss,
     check_spread,
+    cluster_sizes,
     embedding_spread,
     knn_predict,
     largest_cluster,
@@ -203,3 +205,25 @@ def test_largest_cluster_warning(capsys):
     assert check_largest_cluster(largest_cluster(collapsed)).startswith("warning: train/largest_cluster")
     line = capsys.readouterr().out
     assert line.count("\n") == 1 and "above 0.5" in line
+
+
+def test_cluster_diagnostics():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(10, (2, 600), generator=g)  # H x N: 2 heads of 10 clusters
+    relabelled = (a + 3) % 10  # the same partition under other cluster ids: nothing moved
+    assert assignment_change(a, None) == {}
+    assert assignment_change(relabelled, a) == pytest.approx({"train/assign_nmi": 1.0, "train/assign_changed": 0.0})
+    moved = relabelled.clone()
+    moved[:, :60] = (moved[:, :60] + 1) % 10  # 10 % of the images move to another cluster
+    change = assignment_change(moved, a)
+    assert 0.08 <= change["train/assign_changed"] <= 0.1 and 0.7 < change["train/assign_nmi"] < 1
+    fresh = assignment_change(torch.randint(10, (2, 600), generator=g), a)  # an unrelated partition
+    assert fresh["train/assign_changed"] > 0.7 and fresh["train/assign_nmi"] < 0.1
+    unassigned = a.clone()
+    unassigned[:, :300] = -100  # ignored on either side
+    assert assignment_change(unassigned, a)["train/assign_changed"] == 0.0
+    sizes = cluster_sizes(torch.tensor([[0, 0, 0, 1, -100], [0, 1, 2, 3, 3]]), [4, 5])
+    # head 0: clusters 2 and 3 of 4 empty, the largest 3 of 4 images = 3x the mean of 1; head 1: 1 of 5 empty, 2 x 5 / 5
+    assert sizes == pytest.approx(
+        {"train/largest_cluster": 0.75, "train/empty_clusters": (0.5 + 0.2) / 2, "train/largest_over_mean": (3 + 2) / 2}
+    )
