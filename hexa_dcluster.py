@@ -21,7 +21,8 @@ Base: deepcluster_v2.py; every block that differs is tagged `# HEXA:`. Deltas:
 """
 
 import argparse
-import contextlib  # HEXA: buffers_kept
+import contextlib  # HEXA: running_stats_frozen
+import copy  # HEXA: AuxBatchNorm
 import functools
 import itertools
 import math
@@ -45,6 +46,7 @@ from common.views import MEAN, STD, MultiCrop  # HEXA: MEAN, STD: the attack wor
 METHOD = "hexa_dcluster"  # HEXA: the name in checkpoints and output folders
 ARCHS = sorted(n for n in torchvision.models.list_models(torchvision.models) if "resne" in n)
 VIEWS = ["auto", "pil", "device"]  # auto: device on CUDA, pil on the CPU (common/device_views.py)
+HARD_BN = ["shared", "own", "separate", "aux"]  # HEXA: the hard views' BatchNorm (see the docstring)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -88,8 +90,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--adv-steps", type=int, default=1, help="attack (PGD) steps (default 1)")
     p.add_argument("--adv-random-start", action=argparse.BooleanOptionalAction, default=False, help="PGD random start")
     p.add_argument("--mix-weight", type=float, default=1.0, help="cut-mixed views' loss weight; 0: no CutMix")
-    p.add_argument("--hard-bn", default="shared", choices=["shared", "own", "separate"], help="hard views' BN (shared)")
-    p.add_argument("--hard-scale", default="view", choices=["view", "crop"], help="a hard kind weighs all clean crops")
+    p.add_argument("--hard-bn", default="shared", choices=HARD_BN, help="hard views' BatchNorm (default shared)")
+    p.add_argument("--hard-loss", default="sum", choices=["sum", "mean"], help="clean + weighted hard, or their mean")
+    p.add_argument("--hard-start-epoch", type=int, default=0, help="hard views from this epoch on (default 0)")
+    p.add_argument("--mix-partner", default="image", choices=["image", "view"], help="CutMix source (default image)")
     return p
 
 
@@ -100,7 +104,8 @@ class DeepClusterV2(nn.Module):
     b = per-process batch, V = number of crops, d = trunk width, D = embedding dimension, K_h = clusters of head h.
     """
 
-    def __init__(self, arch="resnet50", feat_dim=128, hidden_mlp=2048, nmb_prototypes=(3000, 3000, 3000)):
+    # HEXA: + hard_bn, the hard views' BatchNorm (one of HARD_BN)
+    def __init__(self, arch="resnet50", feat_dim=128, hidden_mlp=2048, nmb_prototypes=(3000,) * 3, hard_bn="shared"):
         super().__init__()
         self.backbone = torchvision.models.get_model(arch)
         d = self.backbone.fc.in_features
@@ -119,6 +124,8 @@ class DeepClusterV2(nn.Module):
         # (the reference freezes them for 300k iterations, longer than its longest run).
         self.prototypes = nn.ModuleList(nn.Linear(feat_dim, k, bias=False) for k in nmb_prototypes)
         self.prototypes.requires_grad_(False)
+        self.hard_bn = hard_bn  # HEXA: one of HARD_BN; "aux": the hard views' own BatchNorm layers
+        self.aux_bn = AuxBatchNorm(self) if hard_bn == "aux" else None
 
     def forward_head(self, feats):
         """feats: V*b x d. Returns z (V*b x D, unit rows, fp32) and the scores [V*b x K_h for each head]."""
@@ -126,25 +133,29 @@ class DeepClusterV2(nn.Module):
         with torch.autocast(z.device.type, enabled=False):  # scores in fp32, also under bf16 autocast
             return z, [head(z) for head in self.prototypes]
 
-    def forward(self, crops, hard=(), hard_bn="shared"):  # HEXA: + the hard views, their BatchNorm batches
+    def forward_hard(self, x):  # HEXA: hard views alone, through the auxiliary BatchNorm with --hard-bn aux
+        return self.aux_bn(self, [x]) if self.aux_bn is not None else self(x)
+
+    def forward(self, crops, hard=()):  # HEXA: + the hard views
         """crops: a list of V crop batches (b x 3 x s_v x s_v), grouped by resolution. Consecutive crops of the same
         size go through the trunk together (trunk BN statistics per resolution); the head runs once on all of them.
         Row v*b + i of the outputs is crop v of image i."""
         # HEXA: hard: batches of hard views of the first resolution; their rows follow the V*b clean rows. hard_bn
         # "shared": they join the large crops' trunk pass and the head's pass; "own": trunk and head passes of their
-        # own; "separate": those, leaving the BatchNorm running statistics as they were.
+        # own; "separate": those, leaving the BatchNorm running statistics as they were; "aux": those, through the
+        # auxiliary BatchNorm layers.
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         groups = [torch.cat(list(group)) for _, group in itertools.groupby(crops, lambda c: c.shape[-1])]  # HEXA
-        if hard and hard_bn == "shared":  # HEXA: in the large crops' trunk pass (one BatchNorm batch)
+        if hard and self.hard_bn == "shared":  # HEXA: in the large crops' trunk pass (one BatchNorm batch)
             first = self.backbone(torch.cat([groups[0], *hard]))
             n0 = len(groups[0])
             return self.forward_head(torch.cat([first[:n0], *[self.backbone(x) for x in groups[1:]], first[n0:]]))
         z, scores = self.forward_head(torch.cat([self.backbone(x) for x in groups]))  # V*b x d in, (z, scores) out
         if not hard:  # HEXA: else the hard views' own passes, their rows after the clean ones
             return z, scores
-        with buffers_kept(self) if hard_bn == "separate" else contextlib.nullcontext():
-            z_hard, scores_hard = self.forward_head(self.backbone(torch.cat(hard)))
+        with running_stats_frozen(self) if self.hard_bn == "separate" else contextlib.nullcontext():
+            z_hard, scores_hard = self.forward_hard(torch.cat(hard))
         return torch.cat([z, z_hard]), [torch.cat(pair) for pair in zip(scores, scores_hard)]
 
 
@@ -280,7 +291,7 @@ def deepcluster_loss(scores, targets, temperature):
     return loss / len(scores)
 
 
-# HEXA: the hard-example generators and two helpers, the same text in hexa_dcluster.py
+# HEXA: the hard-example generators and three helpers, the same text in both HEXA scripts
 @functools.cache
 def pixel_stats(device: torch.device) -> tuple:
     """MEAN and STD as 1 x 3 x 1 x 1 tensors on `device`, made once (a host-to-device copy waits for the GPU)."""
@@ -288,24 +299,42 @@ def pixel_stats(device: torch.device) -> tuple:
 
 
 @contextlib.contextmanager
-def buffers_kept(module):
-    """On leaving, the module's buffers (BatchNorm running statistics, num_batches_tracked) are as on entering:
-    what runs inside uses BatchNorm in the module's mode (train: batch statistics) and leaves no trace in them."""
-    saved = [b.clone() for b in module.buffers()]
+def running_stats_frozen(module):
+    """Inside, the module's BatchNorm layers normalise with batch statistics (in train mode) and leave their running
+    statistics and num_batches_tracked as they are: a pass, its backward included, leaves no trace in them."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in layers:
+        m.track_running_stats = False
     try:
         yield
     finally:
-        with torch.no_grad():
-            for b, s in zip(module.buffers(), saved):
-                b.copy_(s)
+        for m in layers:
+            m.track_running_stats = True
+
+
+class AuxBatchNorm(nn.Module):
+    """AdvProp's auxiliary BatchNorm (Xie et al., "Adversarial Examples Improve Image Recognition", CVPR 2020): a copy
+    of every BatchNorm layer of `net`, affine parameters and running statistics, that hard examples use in place of
+    the net's own, so the BatchNorm that is evaluated sees clean images only. Kept outside `net`, so the saved
+    backbone stays a torchvision ResNet; the copies start as the originals (weight 1, bias 0, fresh statistics)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.names = [n for n, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.layers = nn.ModuleList(copy.deepcopy(net.get_submodule(n)) for n in self.names)
+
+    def forward(self, net: nn.Module, x):
+        """net(x) with every BatchNorm layer's tensors swapped for its copy's (gradients and statistics go there)."""
+        swap = {f"{n}.{k}": v for n, m in zip(self.names, self.layers) for k, v in m.state_dict(keep_vars=True).items()}
+        return torch.func.functional_call(net, swap, (x,))
 
 
 def adversarial_view(model, loss_fn, images, eps, step, steps, random_start=False):
     """PGD (Madry et al.) under an L-inf budget in [0, 1] pixel space: `steps` signed-gradient ascent steps of
     size `step` on loss_fn, each projected onto the eps-ball around the clean pixels and the valid range.
 
-    model: the module loss_fn runs; its buffers are restored afterwards (buffers_kept), so the attack runs BatchNorm
-    in the caller's mode (train: batch statistics) and changes nothing.
+    model: the module loss_fn runs; its BatchNorm running statistics are frozen (running_stats_frozen), so the attack
+    runs BatchNorm in the caller's mode (train: batch statistics) and changes nothing.
     loss_fn: normalised images N x 3 x H x W -> scalar loss to maximise. Only the input gradient is computed
     (torch.autograd.grad): no parameter .grad, so no DDP all-reduce when called outside DDP's forward.
     images: N x 3 x H x W, normalised with MEAN/STD. Returns the adversarial images, normalised, detached.
@@ -313,7 +342,7 @@ def adversarial_view(model, loss_fn, images, eps, step, steps, random_start=Fals
     mean, std = pixel_stats(images.device)
     x0 = images.detach() * std + mean  # clean pixels in [0, 1]: N x 3 x H x W
     x = x0 + torch.empty_like(x0).uniform_(-eps, eps) if random_start else x0
-    with buffers_kept(model):
+    with running_stats_frozen(model):
         for _ in range(steps):
             x = x.clamp(0, 1).requires_grad_()
             (grad,) = torch.autograd.grad(loss_fn((x - mean) / std), x)
@@ -321,24 +350,27 @@ def adversarial_view(model, loss_fn, images, eps, step, steps, random_start=Fals
     return ((x.clamp(0, 1) - mean) / std).detach()
 
 
-def cutmix(images, alpha=1.0):
+def cutmix(images, source=None, alpha=1.0):
     """CutMix (Yun et al., arXiv:1905.04899) inside a batch, one box for the whole batch.
 
-    images: N x 3 x H x W (N >= 2). Each image gets a box pasted from its partner, a random cyclic derangement
-    (never itself). lambda ~ Beta(alpha, alpha); box sides H, W x sqrt(1 - lambda), centre uniform, clipped to the
-    image; lambda is then recomputed from the clipped box: exactly the fraction of pixels that stay the image's own.
+    images: N x C x H x W (N >= 2). Each image gets a box pasted from its partner, a random cyclic derangement
+    (never itself); or, with `source` (N x C x H x W), from source[i] (partner = i: another view of the image).
+    lambda ~ Beta(alpha, alpha); box sides H, W x sqrt(1 - lambda), centre uniform, clipped to the image; lambda is
+    then recomputed from the clipped box: exactly the fraction of pixels that stay the image's own.
     Returns the mixed images N x 3 x H x W, partner N (a device tensor) and lambda (a Python float: no host sync).
     """
     n, _, h, w = images.shape
     perm = torch.randperm(n, device=images.device)
     partner = torch.empty_like(perm)
     partner[perm] = perm.roll(-1)  # one cycle through the batch: partner[i] != i
+    if source is not None:
+        partner = torch.arange(n, device=images.device)
     lam = float(torch.distributions.Beta(alpha, alpha).sample())  # drawn on the host
     cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
     cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
     y1, y2, x1, x2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h), max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
     mixed = images.clone()
-    mixed[:, :, y1:y2, x1:x2] = images[partner, :, y1:y2, x1:x2]
+    mixed[:, :, y1:y2, x1:x2] = (images[partner] if source is None else source)[:, :, y1:y2, x1:x2]
     return mixed, partner, 1.0 - (y2 - y1) * (x2 - x1) / (h * w)
 
 
@@ -402,33 +434,36 @@ def train_one_epoch(model, loader, optimizer, schedule, memory, assignments, epo
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
             # HEXA: hard views of the large crops (crop-major, V0*b rows each), then the one DDP forward of all views
             targets, hard = assignments[:, idx], []  # H x b; [V0*b x 3 x s0 x s0]
-            if args.adv_weight > 0:
+            on = epoch >= args.hard_start_epoch  # hard views from --hard-start-epoch on
+            if args.adv_weight > 0 and on:
 
                 def loss_fn(x):  # the DeepCluster loss of the large crops x against their images' clusters
-                    return deepcluster_loss(dc(x)[1], targets, args.temperature)
+                    return deepcluster_loss(dc.forward_hard(x)[1], targets, args.temperature)
 
                 eps, step = args.adv_eps / 255, args.adv_step / 255
                 large = torch.cat(images[:n0])  # V0*b x 3 x s0 x s0
                 hard.append(adversarial_view(dc, loss_fn, large, eps, step, args.adv_steps, args.adv_random_start))
-            if args.mix_weight > 0:  # an image's V0 large crops as channels: one partner image, one box for all
-                mixed, partner, lam = cutmix(torch.cat(images[:n0], dim=1))  # b x 3*V0 x s0 x s0, partner b
+            if args.mix_weight > 0 and on:  # an image's V0 large crops as channels: one partner, one box for all
+                other = torch.cat(images[1:n0] + images[:1], dim=1) if args.mix_partner == "view" else None
+                mixed, partner, lam = cutmix(torch.cat(images[:n0], dim=1), other)  # b x 3*V0 x s0 x s0, partner b
                 hard.append(torch.cat(mixed.split(3, dim=1)).contiguous(memory_format=fmt))  # V0*b x 3 x s0 x s0
-            z, scores = model(images, hard, args.hard_bn)  # HEXA: + the hard views' rows after the V*b clean ones
+            z, scores = model(images, hard)  # HEXA: + the hard views' rows after the V*b clean ones
             if hard:  # HEXA: the hard views' rows out: z and scores are the clean crops' (V*b rows) as in the base
                 n_clean = len(images) * b
                 hard_scores = [s[n_clean:] for s in scores]  # [len(hard)*V0*b x K_h], adversarial rows first
                 z, scores = z[:n_clean], [s[:n_clean] for s in scores]  # V*b x D, [V*b x K_h]
         loss = deepcluster_loss(scores, assignments[:, idx], args.temperature)  # targets H x b
-        hexa = {}  # HEXA: the hard views' losses, logged as train/hexa/adv_loss and train/hexa/mix_loss
-        scale = 1.0 if args.hard_scale == "view" else n0 / len(images)  # HEXA: "crop": a hard crop as a clean one
-        if args.adv_weight > 0:
+        hexa = {"hexa/clean_loss": loss} if hard else {}  # HEXA: the clean and hard views' losses, logged
+        if args.adv_weight > 0 and on:
             hexa["hexa/adv_loss"] = deepcluster_loss([s[: n0 * b] for s in hard_scores], targets, args.temperature)
-            loss = loss + scale * args.adv_weight * hexa["hexa/adv_loss"]
-        if args.mix_weight > 0:  # own and partner's assignments, each normalised as deepcluster_loss
+            loss = loss + args.adv_weight * hexa["hexa/adv_loss"]
+        if args.mix_weight > 0 and on:  # own and partner's assignments, each normalised as deepcluster_loss
             mix_scores = [s[-n0 * b :] for s in hard_scores]  # [V0*b x K_h]
             own, other = (deepcluster_loss(mix_scores, t, args.temperature) for t in (targets, targets[:, partner]))
             hexa["hexa/mix_loss"] = lam * own + (1 - lam) * other
-            loss = loss + scale * args.mix_weight * hexa["hexa/mix_loss"]
+            loss = loss + args.mix_weight * hexa["hexa/mix_loss"]
+        if args.hard_loss == "mean":  # HEXA: the weighted mean of the clean and hard losses
+            loss = loss / (1 + (args.adv_weight + args.mix_weight) * on)
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -469,8 +504,8 @@ def main(args):
     args.final_lr = 0.0048 * args.batch_size / 4096 if args.final_lr is None else args.final_lr
     args.start_warmup = 0.3 * args.batch_size / 4096 if args.start_warmup is None else args.start_warmup
     # HEXA: the hard-view flags
-    if min(args.adv_weight, args.adv_eps, args.adv_step, args.adv_steps, args.mix_weight) < 0:
-        raise UserError("--adv-weight, --adv-eps, --adv-step, --adv-steps and --mix-weight must not be negative")
+    if min(args.adv_weight, args.adv_eps, args.adv_step, args.adv_steps, args.mix_weight, args.hard_start_epoch) < 0:
+        raise UserError("--adv-*, --mix-weight and --hard-start-epoch must not be negative")
     if args.mix_weight > 0 and args.batch_size < 2 * dist.world_size():  # HEXA: CutMix pairs images of a process
         raise UserError(f"--mix-weight > 0 needs at least 2 images per process; --batch-size is {args.batch_size}")
     dist.print0(f"{METHOD}: {dist.world_size()} process(es) on {device}; {vars(args)}")
@@ -489,7 +524,8 @@ def main(args):
     knn = knn_monitor(args, args.size_crops[0], loader.batch_size, device)
 
     # ============ model ============
-    model = DeepClusterV2(args.arch, args.feat_dim, args.hidden_mlp, args.nmb_prototypes).to(device)
+    config = (args.arch, args.feat_dim, args.hidden_mlp, args.nmb_prototypes, args.hard_bn)  # HEXA: + --hard-bn
+    model = DeepClusterV2(*config).to(device)
     if device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SyncBN does not run on the CPU
     if args.amp and device.type == "cuda":
@@ -512,7 +548,9 @@ def main(args):
             dist.print0("note: the number of processes changed; RNG states not restored")
         saved_memory = state["extra"].get("memory")
         dist.print0(f"resumed from {resume_path} at epoch {start_epoch}")
-    model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    unused = args.hard_bn == "aux"  # HEXA: the auxiliary BN has no gradient in a step without hard views
+    model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                    find_unused_parameters=unused)  # fmt: skip
 
     # ============ memory bank ============
     W, r = dist.world_size(), dist.rank()
@@ -567,8 +605,9 @@ def main(args):
         if knn and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             stats.update(knn(model_without_ddp.backbone))
         log_epoch(args.output_dir, {"epoch": epoch + 1, **stats, f"train/{METHOD}/kmeans_s": kmeans_s})
-        # HEXA: chance is (1 + the hard weights) x the mean of ln K_h: the loss sums three DeepCluster losses
-        chance = (1 + args.adv_weight + args.mix_weight) * sum(math.log(k) for k in args.nmb_prototypes)
+        # HEXA: chance is (1 + the hard weights) x the mean of ln K_h for a sum of three DeepCluster losses
+        hard = (args.adv_weight + args.mix_weight) * (epoch >= args.hard_start_epoch) * (args.hard_loss == "sum")
+        chance = (1 + hard) * sum(math.log(k) for k in args.nmb_prototypes)
         chance = chance / len(args.nmb_prototypes)
         check_health(stats, chance, epoch + 1, args.warmup_epochs)
     dist.cleanup()

@@ -20,7 +20,8 @@ Base: moco_v2.py; every block that differs is tagged `# HEXA:`. Deltas:
 """
 
 import argparse
-import contextlib  # HEXA: buffers_kept
+import contextlib  # HEXA: running_stats_frozen
+import copy  # HEXA: AuxBatchNorm
 import functools
 import math
 import os
@@ -41,6 +42,7 @@ from common.views import MEAN, STD, TwoCrops, moco_v2_view  # HEXA: MEAN, STD: t
 METHOD = "hexa_moco"  # HEXA: the name in checkpoints and output folders
 ARCHS = sorted(n for n in torchvision.models.list_models(torchvision.models) if "resne" in n)
 VIEWS = ["auto", "pil", "device"]  # auto: device on CUDA, pil on the CPU (common/device_views.py)
+HARD_BN = ["shared", "own", "separate", "aux"]  # HEXA: the hard queries' BatchNorm (see the docstring)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -80,7 +82,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--adv-steps", type=int, default=1, help="attack (PGD) steps (default 1)")
     p.add_argument("--adv-random-start", action=argparse.BooleanOptionalAction, default=False, help="PGD random start")
     p.add_argument("--mix-weight", type=float, default=1.0, help="cut-mixed queries' loss weight; 0: no CutMix")
-    p.add_argument("--hard-bn", default="own", choices=["shared", "own", "separate"], help="hard queries' BN (own)")
+    p.add_argument("--hard-bn", default="own", choices=HARD_BN, help="hard queries' BatchNorm (default own)")
+    p.add_argument("--hard-loss", default="sum", choices=["sum", "mean"], help="clean + weighted hard, or their mean")
+    p.add_argument("--hard-start-epoch", type=int, default=0, help="hard queries from this epoch on (default 0)")
     return p
 
 
@@ -105,16 +109,20 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         if n % g:
             raise ValueError(f"a batch of {n} images does not split into BatchNorm groups of {g}")
-        self.num_batches_tracked.add_(1)
-        running = [(self.running_mean.clone(), self.running_var.clone()) for _ in range(n // g)]  # one copy per group
-        out = [
-            F.batch_norm(x_g, mean, var, self.weight, self.bias, True, self.momentum, self.eps)
-            for x_g, (mean, var) in zip(x.split(g), running)  # x_g: g x C x H x W, a view
-        ]
-        with torch.no_grad():  # the groups' momentum updates, averaged
-            self.running_mean.copy_(torch.stack([mean for mean, _ in running]).mean(0))
-            self.running_var.copy_(torch.stack([var for _, var in running]).mean(0))
-        return torch.cat(out)  # n x C x H x W
+        # One batch_norm call for all G groups: the groups side by side in the channel dimension (g x G*C), with the
+        # affine parameters and running statistics repeated G times (a plain view would group strided images).
+        G, C, hw = n // g, x.shape[1], x.shape[2:]
+        y = x.view(G, g, C, *hw).transpose(0, 1).reshape(g, G * C, *hw)  # image j of group i: row j, channels i*C..
+        track = self.track_running_stats  # off: batch statistics only, running statistics left as they are
+        mean, var = (self.running_mean.repeat(G), self.running_var.repeat(G)) if track else (None, None)
+        y = F.batch_norm(y, mean, var, self.weight.repeat(G), self.bias.repeat(G), True, self.momentum, self.eps)
+        if track:  # the groups' momentum updates, averaged
+            self.num_batches_tracked.add_(1)
+            with torch.no_grad():
+                self.running_mean.copy_(mean.view(G, C).mean(0))
+                self.running_var.copy_(var.view(G, C).mean(0))
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return y.view(g, G, C, *hw).transpose(0, 1).reshape(x.shape).contiguous(memory_format=fmt)  # n x C x H x W
 
 
 class MoCo(nn.Module):
@@ -137,7 +145,7 @@ class MoCo(nn.Module):
     ):
         super().__init__()
         self.K, self.m, self.T = K, m, T
-        self.hard_bn = hard_bn  # HEXA: "shared", "own" or "separate" (see --hard-bn)
+        self.hard_bn = hard_bn  # HEXA: one of HARD_BN (see --hard-bn)
         # torchvision ResNets whose fc maps the pooled features to C; MoCo v2 puts a hidden layer in front:
         # fc = Linear(d, d), ReLU, Linear(d, C), no BatchNorm (keys fc.0.* and fc.2.*).
         # BatchNorm in groups of bn_group_size images (SplitBatchNorm2d) in both encoders.
@@ -153,6 +161,7 @@ class MoCo(nn.Module):
             p_k.requires_grad = False
         # The queue of keys, C x K, columns unit vectors; ptr is where the next batch of keys is written.
         # Buffers, so both live in state_dict and come back on resume.
+        self.aux_bn = AuxBatchNorm(self.encoder_q) if hard_bn == "aux" else None  # HEXA: the hard queries' own BN
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
@@ -208,6 +217,14 @@ class MoCo(nn.Module):
             l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())  # negative logits: N x K
             return torch.cat([l_pos, l_neg], dim=1) / self.T  # N x (1+K)
 
+    def encode_hard(self, x):  # HEXA: encoder_q on hard queries, the clean queries' BN running statistics kept
+        """The encoder_q outputs of hard queries x with the auxiliary BatchNorm (--hard-bn aux), else with encoder_q's
+        BatchNorm in train mode and its running statistics left as they were."""
+        if self.aux_bn is not None:
+            return self.aux_bn(self.encoder_q, x)
+        with running_stats_frozen(self.encoder_q):
+            return self.encoder_q(x)
+
     def forward(self, im_q, k, im_adv=None, im_mix=None, partner=None):  # HEXA: keys from self.keys, hard queries
         """im_q: N query views; k: the keys of their key views, from self.keys (HEXA: before the forward).
         HEXA: im_adv, im_mix: N adversarial, N cut-mixed queries, or None; partner: N, whose key is the second
@@ -218,10 +235,8 @@ class MoCo(nn.Module):
         n, views = im_q.shape[0], [x for x in (im_q, im_adv, im_mix) if x is not None]
         if self.hard_bn == "shared":  # image after image: each group holds every kind of query of its images
             q = self.encoder_q(torch.stack(views, dim=1).flatten(0, 1)).unflatten(0, (n, -1)).transpose(0, 1)
-        elif self.hard_bn == "separate" and len(views) > 1:  # the hard pass leaves the running statistics alone
-            with buffers_kept(self.encoder_q):
-                q_hard = self.encoder_q(torch.cat(views[1:]))
-            q = torch.cat([self.encoder_q(im_q), q_hard])
+        elif self.hard_bn in ("separate", "aux") and len(views) > 1:  # a hard pass that leaves the clean BN alone
+            q = torch.cat([self.encoder_q(im_q), self.encode_hard(torch.cat(views[1:]))])
         else:  # "own": view after view, so each group holds one kind of query
             q = self.encoder_q(torch.cat(views))
         q = F.normalize(q.flatten(0, -2).float(), dim=1)  # queries: VN x C, view after view
@@ -238,7 +253,7 @@ class MoCo(nn.Module):
         return logits, labels, hard
 
 
-# HEXA: the hard-example generators and two helpers, the same text in hexa_dcluster.py
+# HEXA: the hard-example generators and three helpers, the same text in both HEXA scripts
 @functools.cache
 def pixel_stats(device: torch.device) -> tuple:
     """MEAN and STD as 1 x 3 x 1 x 1 tensors on `device`, made once (a host-to-device copy waits for the GPU)."""
@@ -246,24 +261,42 @@ def pixel_stats(device: torch.device) -> tuple:
 
 
 @contextlib.contextmanager
-def buffers_kept(module):
-    """On leaving, the module's buffers (BatchNorm running statistics, num_batches_tracked) are as on entering:
-    what runs inside uses BatchNorm in the module's mode (train: batch statistics) and leaves no trace in them."""
-    saved = [b.clone() for b in module.buffers()]
+def running_stats_frozen(module):
+    """Inside, the module's BatchNorm layers normalise with batch statistics (in train mode) and leave their running
+    statistics and num_batches_tracked as they are: a pass, its backward included, leaves no trace in them."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in layers:
+        m.track_running_stats = False
     try:
         yield
     finally:
-        with torch.no_grad():
-            for b, s in zip(module.buffers(), saved):
-                b.copy_(s)
+        for m in layers:
+            m.track_running_stats = True
+
+
+class AuxBatchNorm(nn.Module):
+    """AdvProp's auxiliary BatchNorm (Xie et al., "Adversarial Examples Improve Image Recognition", CVPR 2020): a copy
+    of every BatchNorm layer of `net`, affine parameters and running statistics, that hard examples use in place of
+    the net's own, so the BatchNorm that is evaluated sees clean images only. Kept outside `net`, so the saved
+    backbone stays a torchvision ResNet; the copies start as the originals (weight 1, bias 0, fresh statistics)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.names = [n for n, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.layers = nn.ModuleList(copy.deepcopy(net.get_submodule(n)) for n in self.names)
+
+    def forward(self, net: nn.Module, x):
+        """net(x) with every BatchNorm layer's tensors swapped for its copy's (gradients and statistics go there)."""
+        swap = {f"{n}.{k}": v for n, m in zip(self.names, self.layers) for k, v in m.state_dict(keep_vars=True).items()}
+        return torch.func.functional_call(net, swap, (x,))
 
 
 def adversarial_view(model, loss_fn, images, eps, step, steps, random_start=False):
     """PGD (Madry et al.) under an L-inf budget in [0, 1] pixel space: `steps` signed-gradient ascent steps of
     size `step` on loss_fn, each projected onto the eps-ball around the clean pixels and the valid range.
 
-    model: the module loss_fn runs; its buffers are restored afterwards (buffers_kept), so the attack runs BatchNorm
-    in the caller's mode (train: batch statistics) and changes nothing.
+    model: the module loss_fn runs; its BatchNorm running statistics are frozen (running_stats_frozen), so the attack
+    runs BatchNorm in the caller's mode (train: batch statistics) and changes nothing.
     loss_fn: normalised images N x 3 x H x W -> scalar loss to maximise. Only the input gradient is computed
     (torch.autograd.grad): no parameter .grad, so no DDP all-reduce when called outside DDP's forward.
     images: N x 3 x H x W, normalised with MEAN/STD. Returns the adversarial images, normalised, detached.
@@ -271,7 +304,7 @@ def adversarial_view(model, loss_fn, images, eps, step, steps, random_start=Fals
     mean, std = pixel_stats(images.device)
     x0 = images.detach() * std + mean  # clean pixels in [0, 1]: N x 3 x H x W
     x = x0 + torch.empty_like(x0).uniform_(-eps, eps) if random_start else x0
-    with buffers_kept(model):
+    with running_stats_frozen(model):
         for _ in range(steps):
             x = x.clamp(0, 1).requires_grad_()
             (grad,) = torch.autograd.grad(loss_fn((x - mean) / std), x)
@@ -279,24 +312,27 @@ def adversarial_view(model, loss_fn, images, eps, step, steps, random_start=Fals
     return ((x.clamp(0, 1) - mean) / std).detach()
 
 
-def cutmix(images, alpha=1.0):
+def cutmix(images, source=None, alpha=1.0):
     """CutMix (Yun et al., arXiv:1905.04899) inside a batch, one box for the whole batch.
 
-    images: N x 3 x H x W (N >= 2). Each image gets a box pasted from its partner, a random cyclic derangement
-    (never itself). lambda ~ Beta(alpha, alpha); box sides H, W x sqrt(1 - lambda), centre uniform, clipped to the
-    image; lambda is then recomputed from the clipped box: exactly the fraction of pixels that stay the image's own.
+    images: N x C x H x W (N >= 2). Each image gets a box pasted from its partner, a random cyclic derangement
+    (never itself); or, with `source` (N x C x H x W), from source[i] (partner = i: another view of the image).
+    lambda ~ Beta(alpha, alpha); box sides H, W x sqrt(1 - lambda), centre uniform, clipped to the image; lambda is
+    then recomputed from the clipped box: exactly the fraction of pixels that stay the image's own.
     Returns the mixed images N x 3 x H x W, partner N (a device tensor) and lambda (a Python float: no host sync).
     """
     n, _, h, w = images.shape
     perm = torch.randperm(n, device=images.device)
     partner = torch.empty_like(perm)
     partner[perm] = perm.roll(-1)  # one cycle through the batch: partner[i] != i
+    if source is not None:
+        partner = torch.arange(n, device=images.device)
     lam = float(torch.distributions.Beta(alpha, alpha).sample())  # drawn on the host
     cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
     cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
     y1, y2, x1, x2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h), max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
     mixed = images.clone()
-    mixed[:, :, y1:y2, x1:x2] = images[partner, :, y1:y2, x1:x2]
+    mixed[:, :, y1:y2, x1:x2] = (images[partner] if source is None else source)[:, :, y1:y2, x1:x2]
     return mixed, partner, 1.0 - (y2 - y1) * (x2 - x1) / (h * w)
 
 
@@ -323,21 +359,22 @@ def train_one_epoch(model, loader, optimizer, epoch: int, args, device) -> dict:
             # HEXA: keys first (no gradient), then the hard queries, then the one DDP forward of all queries
             k = moco.keys(im_k)  # N x C
             im_adv = im_mix = partner = None
-            if args.adv_weight > 0:
+            on = epoch >= args.hard_start_epoch  # hard queries from --hard-start-epoch on
+            if args.adv_weight > 0 and on:
                 zeros = torch.zeros(k.shape[0], dtype=torch.long, device=device)  # the positive is class 0
 
                 def loss_fn(x):  # the MoCo loss of queries x against their own keys and the queue
-                    return F.cross_entropy(moco.contrast(F.normalize(moco.encoder_q(x).float(), dim=1), k), zeros)
+                    return F.cross_entropy(moco.contrast(F.normalize(moco.encode_hard(x).float(), dim=1), k), zeros)
 
                 eps, step = args.adv_eps / 255, args.adv_step / 255
                 im_adv = adversarial_view(
                     moco.encoder_q, loss_fn, im_q, eps, step, args.adv_steps, args.adv_random_start
                 )
-            if args.mix_weight > 0:
+            if args.mix_weight > 0 and on:
                 im_mix, partner, lam = cutmix(im_q)
             logits, labels, hard = model(im_q, k, im_adv, im_mix, partner)
         loss = F.cross_entropy(logits, labels)
-        hexa = {}  # HEXA: the hard queries' losses, logged as train/hexa/adv_loss and train/hexa/mix_loss
+        hexa = {"hexa/clean_loss": loss} if hard else {}  # HEXA: the clean and hard queries' losses, logged
         if "adv" in hard:
             hexa["hexa/adv_loss"] = F.cross_entropy(hard["adv"], labels)
             loss = loss + args.adv_weight * hexa["hexa/adv_loss"]
@@ -345,6 +382,8 @@ def train_one_epoch(model, loader, optimizer, epoch: int, args, device) -> dict:
             own, other = (F.cross_entropy(logits_mix, labels) for logits_mix in hard["mix"])  # own, partner's key
             hexa["hexa/mix_loss"] = lam * own + (1 - lam) * other
             loss = loss + args.mix_weight * hexa["hexa/mix_loss"]
+        if args.hard_loss == "mean":  # HEXA: the weighted mean of the clean and hard losses
+            loss = loss / (1 + (args.adv_weight + args.mix_weight) * on)
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -366,8 +405,8 @@ def main(args):
     if args.moco_k % args.batch_size:
         raise UserError(f"--moco-k {args.moco_k} must be a multiple of the global --batch-size {args.batch_size}")
     # HEXA: the hard-query flags
-    if min(args.adv_weight, args.adv_eps, args.adv_step, args.adv_steps, args.mix_weight) < 0:
-        raise UserError("--adv-weight, --adv-eps, --adv-step, --adv-steps and --mix-weight must not be negative")
+    if min(args.adv_weight, args.adv_eps, args.adv_step, args.adv_steps, args.mix_weight, args.hard_start_epoch) < 0:
+        raise UserError("--adv-*, --mix-weight and --hard-start-epoch must not be negative")
     if args.mix_weight > 0 and args.batch_size < 2 * dist.world_size():  # HEXA: CutMix pairs images of a process
         raise UserError(f"--mix-weight > 0 needs at least 2 images per process; --batch-size is {args.batch_size}")
     dist.print0(f"{METHOD}: {dist.world_size()} process(es) on {device}; {vars(args)}")
@@ -408,7 +447,9 @@ def main(args):
         if not ckpt.restore_rng(state["rng"]):
             dist.print0("note: the number of processes changed; RNG states not restored")
         dist.print0(f"resumed from {resume_path} at epoch {start_epoch}")
-    model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    unused = args.hard_bn == "aux"  # HEXA: the auxiliary BN has no gradient in a step without hard queries
+    model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                    find_unused_parameters=unused)  # fmt: skip
 
     # ============ training loop ============
     for epoch in range(start_epoch, args.epochs):
@@ -434,7 +475,8 @@ def main(args):
         if knn and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             stats.update(knn(model_without_ddp.encoder_q))
         log_epoch(args.output_dir, {"epoch": epoch + 1, "train/lr": lr, **stats})
-        chance = (1 + args.adv_weight + args.mix_weight) * math.log(1 + args.moco_k)  # HEXA: a sum of 3 losses
+        hard = (args.adv_weight + args.mix_weight) * (epoch >= args.hard_start_epoch) * (args.hard_loss == "sum")
+        chance = (1 + hard) * math.log(1 + args.moco_k)  # HEXA: chance of a sum of 3 losses, or of their mean
         check_health(stats, chance, epoch + 1, warmup_epochs=5)
     dist.cleanup()
 

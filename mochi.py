@@ -97,16 +97,20 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         if n % g:
             raise ValueError(f"a batch of {n} images does not split into BatchNorm groups of {g}")
-        self.num_batches_tracked.add_(1)
-        running = [(self.running_mean.clone(), self.running_var.clone()) for _ in range(n // g)]  # one copy per group
-        out = [
-            F.batch_norm(x_g, mean, var, self.weight, self.bias, True, self.momentum, self.eps)
-            for x_g, (mean, var) in zip(x.split(g), running)  # x_g: g x C x H x W, a view
-        ]
-        with torch.no_grad():  # the groups' momentum updates, averaged
-            self.running_mean.copy_(torch.stack([mean for mean, _ in running]).mean(0))
-            self.running_var.copy_(torch.stack([var for _, var in running]).mean(0))
-        return torch.cat(out)  # n x C x H x W
+        # One batch_norm call for all G groups: the groups side by side in the channel dimension (g x G*C), with the
+        # affine parameters and running statistics repeated G times (a plain view would group strided images).
+        G, C, hw = n // g, x.shape[1], x.shape[2:]
+        y = x.view(G, g, C, *hw).transpose(0, 1).reshape(g, G * C, *hw)  # image j of group i: row j, channels i*C..
+        track = self.track_running_stats  # off: batch statistics only, running statistics left as they are
+        mean, var = (self.running_mean.repeat(G), self.running_var.repeat(G)) if track else (None, None)
+        y = F.batch_norm(y, mean, var, self.weight.repeat(G), self.bias.repeat(G), True, self.momentum, self.eps)
+        if track:  # the groups' momentum updates, averaged
+            self.num_batches_tracked.add_(1)
+            with torch.no_grad():
+                self.running_mean.copy_(mean.view(G, C).mean(0))
+                self.running_var.copy_(var.view(G, C).mean(0))
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return y.view(g, G, C, *hw).transpose(0, 1).reshape(x.shape).contiguous(memory_format=fmt)  # n x C x H x W
 
 
 class MoCo(nn.Module):

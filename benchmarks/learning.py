@@ -2,10 +2,11 @@
 trunk, next to the same probe on a randomly initialised trunk (the lower reference) and on the same trunk trained
 supervised on the labels with the same budget (the upper reference), on two kinds of data and several seeds.
 
-Data (`common/synthetic.py`): the generated shapes and the generated glyphs. In both the class is in the geometry
-(which shape; which arrangement of strokes) while the position, the size, the grey levels, a tint and the background
-are random: nuisances that the methods' own augmentations (crops, colour jitter, grey-scale) teach a network to
-ignore, so a probe on random features does poorly and a probe on learned features should do clearly better.
+Data (`common/synthetic.py`, `benchmarks/datasets.py`): the generated shapes and the generated glyphs. In both the
+class is in the geometry (which shape; which arrangement of strokes) while the position, the size, the grey levels,
+a tint and the background are random: nuisances that the methods' own augmentations (crops, colour jitter,
+grey-scale) teach a network to ignore, so a probe on random features does poorly and a probe on learned features
+should do clearly better.
 
 Seeds: seed s draws the dataset (images and, for glyphs, the alphabet), the training run (`--seed s`) and the random
 trunk's initialisation; the table gives every seed and the mean +- half the range over seeds.
@@ -42,8 +43,8 @@ import torchvision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks.datasets import make_image_folder  # noqa: E402
 from common.data import ImageFolder  # noqa: E402
-from common.synthetic import make_image_folder  # noqa: E402
 from common.views import eval_train_view, eval_val_view  # noqa: E402
 
 ARCH, CROP, BATCH = "resnet18", 32, 64  # BATCH: the supervised reference's; the recipes set their own
@@ -296,13 +297,45 @@ STUDY = {
     ],
     "hexa_dcluster": [
         *_KINDS,
-        ("hard crop = clean crop", ["--hard-scale", "crop"]),
         ("hard BN own", ["--hard-bn", "own"]),
         ("hard BN separate", ["--hard-bn", "separate"]),
         *_EPS,
     ],
 }
+# The recipe study (--study recipe): each base's recipe against changes of it, the candidates of the DeepCluster-v2
+# investigation and the MoCo crop and queue (the control: the base's row with the recipe unchanged).
+STUDY["moco_v2"] = [
+    ("", []),
+    ("crops 0.2-1", ["--crop-min-scale", "0.2"]),
+    ("queue 256", ["--moco-k", "256"]),
+    ("crops 0.2-1, queue 256", ["--crop-min-scale", "0.2", "--moco-k", "256"]),
+]
+STUDY["deepcluster_v2"] = [
+    ("", []),
+    ("30 prototypes", ["--nmb-prototypes", "30", "30", "30"]),
+    ("lr 0.3", ["--lr", "0.3", "--final-lr", "0.0003"]),
+    ("crops 0.14-1", ["--min-scale-crops", "0.14"]),
+    (
+        "multi-crop",
+        [
+            "--nmb-crops",
+            "2",
+            "4",
+            "--size-crops",
+            str(CROP),
+            "16",
+            "--min-scale-crops",
+            "0.5",
+            "0.14",
+            "--max-scale-crops",
+            "1",
+            "0.5",
+        ],
+    ),  # fmt: skip
+    ("temperature 0.2", ["--temperature", "0.2"]),
+]
 BASE_OF = {"hexa_moco": "moco_v2", "hexa_dcluster": "deepcluster_v2", "mochi": "moco_v2"}
+BASE_OF.update({b: b for b in BASES})  # a base is its own control in the recipe study
 
 
 def jobs_of(methods, reference: bool, study: bool, configs=None) -> list[tuple]:
@@ -447,10 +480,11 @@ def table(rows) -> str:
 
 
 def study_table(rows) -> str:
-    """Markdown: one line per HEXA variant and configuration; its probe minus its base's (the control: the same
-    recipe and lr, the same dataset and seed) at each dataset and seed, the mean gain ± half its range."""
-    out = ["| variant | configuration | gain over the base at each dataset, seed | gain, mean ± half-range "
-           "| probe, mean | time per run |", "|---|---|---|---:|---:|---:|"]  # fmt: skip
+    """Markdown: one line per method and configuration of STUDY that has rows; its probe minus its control's (the
+    base with the same recipe and lr, the same dataset and seed) at each dataset and seed, the mean gain ± half its
+    range, and the mean gain of the cross-validated training-split score (cv: the score to choose settings by)."""
+    out = ["| method | configuration | gain over the control at each dataset, seed | gain, mean ± half-range "
+           "| cv gain, mean | probe, mean | time per run |", "|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
     control = {(r["dataset"], r["seed"], r["method"]): r for r in rows if not r.get("config")}
     for variant, configs in STUDY.items():
         base = BASE_OF[variant]
@@ -459,9 +493,9 @@ def study_table(rows) -> str:
             accs = [r["probe"] for r in bs]
             per = ", ".join(f"{r['dataset']} s{r['seed']}: {r['probe']:.1f}" for r in bs)
             out.append(
-                f"| {base} | control | {per} | | {np.mean(accs):.1f} | {np.mean([r['seconds'] for r in bs]):.0f} s |"
+                f"| {base} | control | {per} | | | {np.mean(accs):.1f} | {np.mean([r['seconds'] for r in bs]):.0f} s |"
             )
-        for label, _ in configs:
+        for label, _ in configs[1:] if variant == base else configs:
             rs = [r for r in rows if r["method"] == variant and r.get("config", "") == label]
             rs = [(r, control[r["dataset"], r["seed"], base]) for r in rs if (r["dataset"], r["seed"], base) in control]
             if not rs:
@@ -470,7 +504,11 @@ def study_table(rows) -> str:
             per = ", ".join(f"{r['dataset']} s{r['seed']}: {g:+.1f}" for (r, _), g in zip(rs, gains))
             secs = np.mean([r["seconds"] for r, _ in rs])
             mean = np.mean([r["probe"] for r, _ in rs])
-            out.append(f"| {variant} | {label or 'default'} | {per} | {_spread(gains)} | {mean:.1f} | {secs:.0f} s |")
+            cv = [r["cv"] - c["cv"] for r, c in rs if "cv" in r and "cv" in c]  # never reads the held-out split
+            cv = f"{np.mean(cv):+.1f}" if cv else ""
+            out.append(
+                f"| {variant} | {label or 'default'} | {per} | {_spread(gains)} | {cv} | {mean:.1f} | {secs:.0f} s |"
+            )
     eps = max((r["epochs"] for r in rows), default="?")
     return "\n".join(out) + (
         f"\n\n{_data_note(rows)} {eps} epochs, {ARCH} at {CROP} px, each variant with its base's recipe and lr "
@@ -485,7 +523,8 @@ if __name__ == "__main__":
     p.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--no-supervised", dest="reference", action="store_false", help="skip the supervised reference")
-    p.add_argument("--study", choices=["hexa"], default=None, help="the HEXA ablation (STUDY) instead")
+    p.add_argument("--study", choices=["hexa", "recipe"], default=None,
+                   help="the settings of STUDY instead: of the HEXA variants, or of the bases' recipes")  # fmt: skip
     p.add_argument("--configs", nargs="*", default=None, help="with --study: only these labels (and the controls)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each with its share of the cores (default 1)")
     p.add_argument("--rows", default=None, help="append each row to this JSON-lines file; skip rows already there")
@@ -501,7 +540,8 @@ if __name__ == "__main__":
         sys.exit(0)
     for spec in a.datasets:
         parse_dataset(spec)  # fail early on a bad spec
-    methods = [m for m in a.methods if m in STUDY] if a.study else a.methods
+    kind = {"hexa": STUDY.keys() - set(BASES), "recipe": BASES}.get(a.study, RECIPES)
+    methods = [m for m in a.methods if m in kind]
     unknown = set(a.configs or ()) - {label for configs in STUDY.values() for label, _ in configs}
     if unknown:
         sys.exit(f"error: unknown --configs {sorted(unknown)}; see STUDY in {__file__}")

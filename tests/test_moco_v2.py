@@ -1,6 +1,7 @@
 """MoCo v2: queue, momentum update, shuffle-BN and BatchNorm groups, end-to-end runs (one process and two, the
 device views), exact resume (both view pipelines), linear evaluation, bad flags."""
 
+import copy
 import os
 import shutil
 
@@ -82,6 +83,43 @@ def test_split_batchnorm_is_batchnorm_per_group():
     torch.testing.assert_close(split(x), plain(x))  # eval: the running statistics, as BatchNorm
     with pytest.raises(ValueError, match="does not split into BatchNorm groups of 4"):
         split.train()(x[:10])
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_split_batchnorm_one_call_equals_a_loop_over_groups(groups):
+    """The single batch_norm call over the groups side by side equals a loop of BatchNorm over consecutive groups
+    (each from a copy of the running statistics, their updates averaged): outputs, input and affine gradients,
+    running statistics; with track_running_stats off, batch statistics and no update; channels_last is kept."""
+    g = torch.Generator().manual_seed(groups)
+    x = (torch.randn(4 * groups, 6, 5, 5, generator=g) * 3 + 1).requires_grad_()
+    split = SplitBatchNorm2d(6, group_size=4)
+    with torch.no_grad():
+        split.weight.uniform_(0.5, 2, generator=g), split.bias.normal_(generator=g)
+        split.running_mean.normal_(generator=g), split.running_var.uniform_(0.5, 2, generator=g)
+    loops = [copy.deepcopy(split) for _ in range(groups)]  # plain BatchNorm2d behaviour: one group each
+    out = split(x)
+    weights = torch.randn(out.shape, generator=g)
+    (out * weights).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    ref = torch.cat([torch.nn.BatchNorm2d.forward(bn, x_g) for bn, x_g in zip(loops, x_ref.split(4))])
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    for name in ("weight", "bias"):
+        summed = sum(getattr(bn, name).grad for bn in loops)
+        torch.testing.assert_close(getattr(split, name).grad, summed, rtol=1e-4, atol=1e-5)
+    for name in ("running_mean", "running_var"):
+        mean = torch.stack([getattr(bn, name) for bn in loops]).mean(0)
+        torch.testing.assert_close(getattr(split, name), mean, rtol=1e-5, atol=1e-6)
+    assert int(split.num_batches_tracked) == 1
+    frozen = {k: v.clone() for k, v in split.state_dict().items()}
+    split.track_running_stats = False  # what HEXA's running_stats_frozen does for a hard pass
+    torch.testing.assert_close(split(x.detach()), out.detach(), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(v, split.state_dict()[k]) for k, v in frozen.items())
+    split.track_running_stats = True
+    if groups > 1:
+        cl = x.detach().contiguous(memory_format=torch.channels_last)
+        assert split(cl).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_one_process_in_groups_trains_as_two_processes(process_group, two_processes):
