@@ -15,7 +15,7 @@
 5. Learning (CPU part): short pretrainings on generated datasets, linear probes against a random and a supervised
    trunk (benchmarks/learning.py).
 
-BENCHMARKS.md holds a CPU part and a GPU part; a run replaces only its own device's part (and the README's copy).
+BENCHMARKS.md holds a CPU part and a GPU part; a run replaces only its own device's part.
 Every figure comes from this run; timings are medians (min / max) after a warm-up; ratios are taken within the run.
 """
 
@@ -44,24 +44,6 @@ VIEWS = {  # what one "image" of the batch costs the method, for reading the rat
     "deepcluster_v2": "2 x S + 6 small crops (0.18 S each)",
     "hexa_dcluster": "as deepcluster_v2, + attack, + 4 hard crops",
 }
-
-
-README = os.path.join(ROOT, "README.md")
-BEGIN, END = "<!-- BENCHMARKS.md begins -->", "<!-- BENCHMARKS.md ends -->"
-
-
-def readme_block(text: str) -> str:
-    """BENCHMARKS.md's text as the README shows it: without the title, its headings two levels down."""
-    body = text.split("\n", 1)[1].strip("\n")
-    return body.replace("\n### ", "\n##### ").replace("\n## ", "\n#### ")
-
-
-def update_readme(text: str, path: str = README) -> None:
-    """Put the new tables between the README's two markers, so the README always shows the latest ones."""
-    s = open(path).read()
-    i, j = s.index(BEGIN) + len(BEGIN), s.index(END)
-    with open(path, "w") as f:
-        f.write(s[:i] + "\n\n" + readme_block(text) + "\n\n" + s[j:])
 
 
 def marks(device: str) -> tuple:
@@ -191,7 +173,6 @@ def main():
         text = with_part(open(o.output).read(), o.device, part)
         with open(o.output, "w") as f:
             f.write(text)
-        update_readme(text)
     else:
         with open(o.output, "w") as f:
             f.write(f"# Benchmarks\n\n{part}")

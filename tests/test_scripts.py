@@ -1,11 +1,9 @@
 """Every script: importable without side effects, --help, a docstring naming its base, the shared flags spelled
-and explained the same way everywhere; the README shows the latest benchmark table."""
+and explained the same way everywhere."""
 
 import importlib
-import os
 
 import pytest
-from conftest import ROOT
 
 SCRIPTS = {
     "moco_v2": "none",
@@ -57,11 +55,3 @@ def test_pretraining_flags_read_the_same(name):
         a, b = ref[flag], flags[flag]
         assert a.option_strings == b.option_strings and a.help == b.help and a.default == b.default, flag
         assert a.choices == b.choices, flag
-
-
-def test_readme_shows_the_latest_benchmarks():
-    from benchmarks.run import BEGIN, END, readme_block
-
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    shown = readme[readme.index(BEGIN) + len(BEGIN) : readme.index(END)].strip("\n")
-    assert shown == readme_block(open(os.path.join(ROOT, "BENCHMARKS.md")).read())
