@@ -1,4 +1,1 @@
-"""Plumbing shared by every script: data and views, distributed setup, logging, checkpoints.
-
-Nothing in here defines a method. See DESIGN notes in the README ("Layout").
-"""
+"""Plumbing shared by every script (data, views, processes, logging, checkpoints); no method is defined here."""

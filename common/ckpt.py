@@ -2,7 +2,7 @@
 
 Schema (a plain dict, loadable with torch.load(weights_only=True)):
     format      1
-    method      "moco_v2", "mochi", "hexa_moco", "deepcluster_v2", "hexa_dcluster", "lincls", "finetune"
+    method      the METHOD of the script that wrote it ("moco_v2", ..., "lincls", "finetune", or a copy's own)
     arch        torchvision ResNet name
     epoch       number of completed epochs
     backbone    the evaluated trunk: a torchvision ResNet state_dict without fc.* (load strictly into
@@ -13,8 +13,14 @@ Schema (a plain dict, loadable with torch.load(weights_only=True)):
     rng         per-process RNG states (torch, CUDA, numpy, python), one entry per rank
     extra       method extras (e.g. the DeepCluster memory bank, the best accuracy of an evaluation)
 
-Every failure to read or write a checkpoint, or to fit one to the model these flags build, is a UserError: one
-line that names the file and the cause.
+A checkpoint is told by its contents, never by its method's name (a copied script with a new METHOD is a method
+like the others): a pretraining checkpoint has a `backbone`. So does an evaluation's (lincls.py, finetune.py), but its
+`model` is that trunk plus a linear classifier and nothing else (the backbone's keys and fc.weight, fc.bias), where a
+pretraining model keeps its trunk under a prefix (encoder_q., backbone.) beside its heads: evaluation and export
+refuse it as --pretrained. --resume takes only a checkpoint whose method is the running script's METHOD.
+
+Every failure to read or write a checkpoint, or to fit one to the model these flags build, is a UserError: one line
+that names the file and the cause.
 """
 
 import contextlib
@@ -23,7 +29,6 @@ import os
 import random
 import re
 import shutil
-import zipfile
 
 import numpy as np
 import torch
@@ -36,23 +41,9 @@ from common.cli import UserError, reason
 FORMAT = 1
 LATEST = "checkpoint.pth"
 KEYS = ("format", "method", "arch", "epoch", "backbone", "model", "optimizer", "args", "rng", "extra")
-PRETRAINING = ("moco_v2", "mochi", "hexa_moco", "deepcluster_v2", "hexa_dcluster")
-# The flags (argparse dests) that name and size each group of model tensors, most specific prefix first: what a
-# resume with other flags than the checkpoint's most likely got wrong. None: the classifier of lincls / finetune.
-FLAGS_OF_KEYS = (
-    ("encoder_q.fc.", ("moco_dim", "mlp")),  # the MoCo head
-    ("encoder_k.fc.", ("moco_dim", "mlp")),
-    ("queue", ("moco_k", "moco_dim")),  # queue and queue_ptr
-    ("projection_head.", ("hidden_mlp", "feat_dim")),
-    ("prototypes.", ("nmb_prototypes", "feat_dim")),
-    ("fc.", None),
-    ("", ("arch",)),  # the trunk: encoder_q.*, encoder_k.*, backbone.*, or a plain ResNet's
-)
 
 
 # ---------------------------------------------------------------- output folder and resume path
-
-
 def prepare_output_dir(output_dir: str, resume: str | None) -> None:
     """Create the output folder; refuse to start a fresh run on top of an existing one."""
     try:
@@ -80,17 +71,12 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
 
 
 # ---------------------------------------------------------------- writing
-
-
 def save(state: dict, output_dir: str, keep: bool, latest_only: tuple = ()) -> str:
-    """Rank 0 writes OUTPUT_DIR/checkpoint.pth atomically (temp file, then rename); with `keep`, also
-    checkpoint_<epoch>.pth, without the `extra` entries named in `latest_only` (large state that only the latest
-    checkpoint needs, such as a memory bank). Other ranks do nothing.
-
-    A kept checkpoint with the same content as checkpoint.pth is a hard link to it, not a second copy: every later
-    save replaces checkpoint.pth by a new file, so the kept one never changes (a copy where links are refused).
-    A failed write (a full disk, most often) leaves no temporary file and the previous files as they were; its
-    error names the last good checkpoint."""
+    """Rank 0 writes OUTPUT_DIR/checkpoint.pth atomically; with `keep`, also checkpoint_<epoch>.pth, without the
+    `extra` entries named in `latest_only` (large state only the latest needs, such as a memory bank), else as a hard
+    link to checkpoint.pth (a copy where links are refused): every save replaces checkpoint.pth by a new file, so a
+    kept one never changes. A failed write (a full disk, most often) leaves the previous files as they were and no
+    temporary file; its error names the last good checkpoint. Other ranks do nothing."""
     if not dist.is_main():
         return ""
     path = os.path.join(output_dir, LATEST)
@@ -122,7 +108,8 @@ def _link_atomic(src: str, dst: str) -> None:
         try:
             os.link(src, tmp)
         except OSError:  # a file system without hard links: a copy
-            _write_file(tmp, lambda f: _copy_into(src, f))
+            with open(src, "rb") as s:
+                _write_file(tmp, lambda f: shutil.copyfileobj(s, f, 2**24))
 
 
 def _write_file(tmp: str, write) -> None:
@@ -130,11 +117,6 @@ def _write_file(tmp: str, write) -> None:
         write(f)  # torch.save into an open file reports a failed write as the OSError of the write, with its errno
         f.flush()
         os.fsync(f.fileno())  # on the disk before the rename, so that a crash cannot leave a renamed empty file
-
-
-def _copy_into(src: str, f) -> None:
-    with open(src, "rb") as s:
-        shutil.copyfileobj(s, f, 2**24)
 
 
 @contextlib.contextmanager
@@ -179,34 +161,23 @@ def _free(folder: str) -> str:
 def _last_good(path: str) -> str:
     if not os.path.isfile(path):
         return "no checkpoint was written before"
-    try:  # mmap: the epoch without reading the tensors
+    with contextlib.suppress(Exception):  # only a detail of the message; mmap: the epoch without the tensors
         epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
-    except Exception:  # only a detail of the message being built: the path is named either way
-        return f"the last good checkpoint is {path}"
-    return f"the last good checkpoint is {path} (epoch {epoch})"
+        return f"the last good checkpoint is {path} (epoch {epoch})"
+    return f"the last good checkpoint is {path}"
 
 
 # ---------------------------------------------------------------- reading
-
-
 def load(path: str) -> dict:
-    """Read a checkpoint on the CPU; any failure is one clear error that says what is wrong with the file."""
+    """Read a checkpoint on the CPU; any failure is one clear error that names the file and the cause."""
     if os.path.isdir(path):
         raise UserError(f"checkpoint {path} is a folder, not a file")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path}: no such file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load's messages name neither the file nor, often, the cause: diagnose it
+    except Exception as err:  # torch.load's messages name neither the file nor, often, the cause
         raise UserError(f"cannot read checkpoint {path}: {_read_cause(path, err)}") from None
-
-
-SIGNATURES = {  # what a file that is not a checkpoint most likely is, by its first bytes
-    b"\xff\xd8\xff": "a JPEG image",
-    b"\x89PNG": "a PNG image",
-    b"\x1f\x8b": "a gzip file (unpack it first)",
-    b"%PDF": "a PDF document",
-}
 
 
 def _read_cause(path: str, err: Exception) -> str:
@@ -216,27 +187,13 @@ def _read_cause(path: str, err: Exception) -> str:
     if size == 0:
         return "the file is empty (0 bytes, what an interrupted copy or a full disk leaves)"
     with open(path, "rb") as f:
-        head = f.read(8)
-    truncated = f"the file is truncated ({size:,} bytes; an interrupted copy or a full disk?)"
-    if head.startswith(b"PK\x03\x04"):  # a zip archive, the format of torch.save
-        if not zipfile.is_zipfile(path):
-            return truncated
-        with zipfile.ZipFile(path) as z:
-            if not any(n.endswith("/data.pkl") for n in z.namelist()):
-                return "a zip archive, but not one written by torch.save"
-    elif head.startswith(b"\x80"):  # a pickle, torch.save's format before PyTorch 1.6
-        if isinstance(err, EOFError) or "EOF" in str(err):  # in the pickle, or in the tensor data after it
-            return truncated
-    else:
-        kind = next((k for sig, k in SIGNATURES.items() if head.startswith(sig)), None)
-        if kind is None:
-            kind = "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else f"starts with {head.hex(' ')}"
-        return f"not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle; it looks like {kind})"
+        head = f.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80\x02\x8a\x0a")):  # torch.save's zip archive, or its older pickle
+        return "not a checkpoint written by these scripts (nor by torch.save)"
     found = re.search(r"GLOBAL ([\w.]+)", str(err))
     if found:
         return f"it holds a Python object ({found.group(1)}); only tensors and plain containers are read (weights_only)"
-    found = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
-    return f"its content is damaged ({found.group(1) if found else reason(err)})"
+    return f"the file is truncated or damaged ({size:,} bytes; an interrupted copy or a full disk?)"
 
 
 def check_kind(ckpt: dict, path: str, method: str) -> None:
@@ -254,9 +211,9 @@ def check_kind(ckpt: dict, path: str, method: str) -> None:
 
 
 def load_state(module: torch.nn.Module, state_dict: dict, path: str, saved_args: dict | None = None) -> None:
-    """Load a resumed checkpoint's model state strictly. The keys and shapes are compared first, so that a
-    checkpoint made with other flags is one line: the first missing, unexpected or differently shaped tensor, and
-    the flag that most likely differs (with the checkpoint's value of it, from `saved_args`)."""
+    """Load a resumed checkpoint's model state strictly. Keys and shapes are compared first, so that a checkpoint
+    made with other flags is one line: the first missing, unexpected or differently shaped tensor, and which flags
+    to check (the checkpoint's `saved_args` are its run's)."""
     expected = module.state_dict()
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise UserError(f"{path} does not fit these flags: its model entry is not a state_dict of tensors")
@@ -284,21 +241,12 @@ def _first_mismatch(expected: dict, state: dict) -> tuple[str, str] | None:
 
 
 def _flag_hint(key: str, saved_args: dict) -> str:
-    dests = next(dests for prefix, dests in FLAGS_OF_KEYS if key.startswith(prefix))
-    if dests is None:
+    # Told from the key alone (no list of methods): an evaluation's classifier, the ResNet trunk, or method state.
+    if key in ("fc.weight", "fc.bias"):
         return "DATA (the number of class folders sets the classifier)"
-    names = " / ".join("-a/--arch" if d == "arch" else f"--{d.replace('_', '-')}" for d in dests)
-    saved = [_flag_value(d, saved_args[d]) for d in dests if d in saved_args]
-    return f"{names} (the checkpoint's run: {' '.join(saved)})" if saved else names
-
-
-def _flag_value(dest: str, value) -> str:
-    name = "-a" if dest == "arch" else f"--{dest.replace('_', '-')}"
-    if isinstance(value, bool):
-        return name if value else f"--no-{dest.replace('_', '-')}"
-    if isinstance(value, (list, tuple)):
-        return " ".join([name, *map(str, value)])
-    return f"{name} {value}"
+    if re.match(r"(\w+\.)?(conv1|bn1|layer\d)\.", key):  # the trunk, plain or under one prefix
+        return "-a/--arch" + (f" (the checkpoint's run: -a {saved_args['arch']})" if "arch" in saved_args else "")
+    return f"the flags that build {key.rsplit('.', 1)[0]} (the checkpoint's are in its args entry)"
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, state_dict: dict, path: str) -> None:
@@ -318,11 +266,8 @@ def load_optimizer(optimizer: torch.optim.Optimizer, state_dict: dict, path: str
 
 
 # ---------------------------------------------------------------- the trunk, for evaluation and export
-
-
 def load_trunk(path: str, arch: str) -> dict:
-    """The trunk of a pretraining checkpoint file as torchvision ResNet keys without fc.*, checked strictly (see
-    trunk_of)."""
+    """trunk_of the checkpoint file at `path`."""
     return trunk_of(load(path), path, arch)
 
 
@@ -332,11 +277,11 @@ def trunk_of(obj, path: str, arch: str) -> dict:
     (`state_dict` with `module.encoder_q.*`) and the SwAV repository's (`module.*` trunk, projection head and
     prototypes, in `state_dict` or flat)."""
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        if obj.get("method") not in PRETRAINING:
-            raise UserError(f"{path} is a {obj.get('method')} checkpoint, not a pretraining one")
         state = obj.get("backbone")
         if not isinstance(state, dict):
-            raise UserError(f"{path} is a {obj['method']} checkpoint without its backbone entry")
+            raise UserError(f"{path} is a {obj.get('method')} checkpoint without its backbone entry")
+        if is_evaluation(obj):
+            raise UserError(f"{path} is a {obj.get('method')} checkpoint, not a pretraining one")
     else:
         sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -350,19 +295,20 @@ def trunk_of(obj, path: str, arch: str) -> dict:
             state = {k: v for k, v in state.items() if not k.startswith(("projection_head.", "prototypes."))}
     model = torchvision.models.get_model(arch)
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
-    if missing or unexpected or wrong:
-        detail = (
-            f"missing {missing[:3]}"
-            if missing
-            else f"unexpected {unexpected[:3]}"
-            if unexpected
-            else f"shape of {wrong[:3]}"
-        )
-        raise UserError(f"{path} does not hold a {arch} trunk ({detail}); check -a/--arch and the file")
+    problems = {"missing": sorted(set(expected) - set(state)), "unexpected": sorted(set(state) - set(expected))}
+    problems["shape of"] = sorted(k for k in expected if k in state and state[k].shape != expected[k])
+    for what, keys in problems.items():
+        if keys:
+            raise UserError(f"{path} does not hold a {arch} trunk ({what} {keys[:3]}); check -a/--arch and the file")
     return state
+
+
+def is_evaluation(obj: dict) -> bool:
+    """Whether a checkpoint of ours is an evaluation's (lincls.py, finetune.py), by its contents (module docstring)."""
+    model, backbone = obj.get("model"), obj.get("backbone")
+    if not isinstance(model, dict) or not isinstance(backbone, dict):
+        return False
+    return set(model) == set(backbone) | {"fc.weight", "fc.bias"}
 
 
 def backbone_of(encoder: torch.nn.Module) -> dict:
@@ -371,8 +317,6 @@ def backbone_of(encoder: torch.nn.Module) -> dict:
 
 
 # ---------------------------------------------------------------- RNG
-
-
 def rng_states() -> list:
     """Every process's RNG states, gathered (collective: call on all ranks)."""
     mine = {

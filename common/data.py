@@ -1,7 +1,4 @@
-"""ImageNet-style folders and the distributed loaders built on them.
-
-DATA/train/<class>/*.JPEG and DATA/val/<class>/*.JPEG. Pretraining reads only DATA/train.
-"""
+"""ImageNet-style folders (DATA/train/<class>/*.JPEG, DATA/val/<class>/*.JPEG) and the distributed loaders."""
 
 import os
 
@@ -36,8 +33,8 @@ def read_bytes(path: str) -> torch.Tensor:
 
 class ImageFolder(datasets.ImageFolder):
     """torchvision ImageFolder with clear errors for a missing folder, an empty class folder and an unreadable
-    image. With `with_index`, items are (index, sample) instead of (sample, target). With `encoded` (set by
-    `train_loader(..., views="device")`), items are (index, the file's bytes, target), untransformed."""
+    image. Items: (sample, target); (index, sample) `with_index`; (index, the file's bytes, target) when `encoded`
+    (set by `train_loader(..., views="device")`: the views are made later, batched, on the training device)."""
 
     def __init__(self, root: str, transform=None, with_index: bool = False):
         check_folder(root)
@@ -46,7 +43,7 @@ class ImageFolder(datasets.ImageFolder):
         self.encoded = False
 
     def __getitem__(self, index):
-        if self.encoded:  # (index, bytes, target): the views are made later, batched, on the training device
+        if self.encoded:
             path, target = self.samples[index]
             return index, read_bytes(path), target
         sample, target = super().__getitem__(index)
@@ -74,11 +71,9 @@ def per_rank_batch(global_batch: int) -> int:
 
 
 def train_loader(dataset, global_batch: int, workers: int, seed: int, device: torch.device, views: str = "pil"):
-    """Shuffled, sharded over processes (DistributedSampler, seeded), whole batches only (drop_last).
-
-    `views` says where the dataset's view transform runs: "pil" in the DataLoader workers (a DataLoader, as always);
-    "device" on `device`, batched (a DeviceViewLoader: the workers only read the files, see common/device_views.py);
-    "auto" is "device" on CUDA and "pil" otherwise. Both yield the same structure."""
+    """Shuffled, sharded over processes (DistributedSampler, seeded), whole batches only (drop_last). `views`: where
+    the dataset's view transform runs: "pil" in the DataLoader workers, "device" batched on `device` (a
+    DeviceViewLoader, common/device_views.py), "auto" "device" on CUDA else "pil". Both yield the same structure."""
     if views not in ("auto", "pil", "device"):
         raise ValueError(f"views must be 'auto', 'pil' or 'device', got {views!r}")
     if views == "auto":
@@ -109,14 +104,10 @@ def _collate_encoded(items):
 
 
 class DeviceViewLoader:
-    """train_loader with views="device": the DataLoader's workers read each image's encoded bytes (no decoding, no
-    random draws); iterating decodes and augments each batch on `device` with the batched equivalent of the dataset's
-    view transform (common.device_views.from_transform). Yields what the Pillow path yields, the views on `device`:
-    (list of V views, targets), or (indices, list of V views) for a dataset `with_index`; a single-view transform gives
-    one tensor in place of the list.
-
-    Puts the dataset (an ImageFolder, or a Subset of one) in encoded mode. Forwards len(), .sampler (set_epoch),
-    .batch_size and .dataset."""
+    """train_loader with views="device": the workers read the encoded bytes (no decoding, no random draws); each
+    batch is decoded and augmented on `device` with the batched equivalent of the dataset's view transform
+    (common.device_views.from_transform). Yields what the Pillow path yields, on `device`. Puts the dataset (an
+    ImageFolder, or a Subset of one) in encoded mode; forwards len(), .sampler, .batch_size and .dataset."""
 
     def __init__(self, dataset, sampler, batch_size: int, workers: int, device: torch.device):
         folder = dataset.dataset if isinstance(dataset, Subset) else dataset

@@ -1,36 +1,26 @@
-"""Augmented views made on the training device, batched: decode the encoded files together, then crop, jitter,
-grey, blur, flip and normalise the whole batch with independent random parameters per image and per view.
+"""Augmented views made on the training device, batched: the workers only read the file bytes; the batch is decoded
+together (`decode_jpeg(..., device=...)`, batched nvJPEG on CUDA) and cropped, jittered, greyed, blurred, flipped and
+normalised with a few batched kernels per op, with independent random parameters per image and per view. For when
+the DataLoader workers cannot keep up with the GPU (the Pillow views cost one CPU core per ~165 two-crop images/s).
+`common.data.train_loader(..., views="device")` wires it in; every op also runs on CPU tensors (the tests do).
 
-When to use: whenever the DataLoader workers cannot keep up with the GPU. The Pillow views of `common/views.py` cost
-one CPU core per ~165 two-crop images/s; here the workers only read the file bytes, the batch is decoded with
-`torchvision.io.decode_jpeg(..., device=...)` (batched nvJPEG on CUDA) and augmented with a few batched kernels per
-op. `common.data.train_loader(..., views="device")` wires it in; every op also runs on CPU tensors (the tests do).
+The views are read from the Pillow transform object itself (`from_transform`: sizes, scales, ratios, strengths,
+probabilities, sigmas), so the two pipelines cannot drift apart, and follow torchvision's tensor semantics:
+RandomResizedCrop's `get_params` and an antialiased bilinear resize; ColorJitter's four ops in a random order per
+image, clamped to [0, 1] after each; torchvision's luma weights; a true Gaussian kernel per image (reflect padding)
+where Pillow uses box-blur passes; flip; Normalize. Output as the Pillow path's: float32 N x 3 x S x S per view.
 
-What it matches: the views are built from the Pillow transform object itself (`from_transform(TwoCrops(...))`,
-`from_transform(MultiCrop(...))`, or a single `Compose`), reading sizes, scales, ratios, jitter strengths,
-probabilities and blur sigmas from it, so the two pipelines cannot drift apart. Each op follows torchvision's tensor
-semantics: RandomResizedCrop's `get_params` rule and an antialiased bilinear resize; ColorJitter's four ops in a
-random order per image (`torchvision.transforms.v2.functional` formulas, clamped to [0, 1] after each); grayscale with
-torchvision's luma weights; a true Gaussian blur kernel per image (torchvision's `gaussian_blur`, reflect padding) where
-Pillow uses box-blur passes; a horizontal flip; Normalize(MEAN, STD). The output has the Pillow path's structure and
-range: float32, N x 3 x S x S per view, exactly Normalize(mean, std) of an image in [0, 1].
-
-Randomness: every parameter is drawn on the host from torch's default CPU generator, vectorised over the batch (the
-image sizes are known on the host once decoded), so the RNG states a checkpoint saves cover the views, a resumed run
-draws the same views, and the same seed gives the same parameters on CPU and CUDA. The parameters reach the device in
-one pinned, non-blocking copy per dtype: no host-device synchronisation per batch.
-
-Kernel budget per batch: one decode call; per crop one resize call (crops differ in size, so the Python loop over
-crops is the one that cannot be batched); per image one uint8-to-float conversion (shared by all its views); then,
-for each resolution group (both MoCo views together, or all crops of one multi-crop size), a fixed number of batched
-kernels per op, the hue rotation, the grey conversion and the blur running only on the images that draw them.
+Every parameter is drawn on the host from torch's default CPU generator, vectorised over the batch, so checkpointed
+RNG states cover the views (a resumed run draws the same ones) and a seed gives the same parameters on CPU and CUDA;
+they reach the device in one pinned, non-blocking copy per dtype (no host-device sync per batch). Kernels per batch:
+one decode call, one resize per crop (crops differ in size), one uint8-to-float conversion per image, then a fixed
+number per op for each resolution group, hue, grey and blur running only on the images that draw them.
 """
 
 import io
 import itertools
 import math
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import defaultdict, namedtuple
 
 import numpy as np
 import torch
@@ -48,55 +38,16 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter's op ids, as in 
 
 
 # ============ the view specification, read from the Pillow transform ============
+# One step per op of the view, in its order; p: its probability. Jitter: ColorJitter's factor ranges (lo, hi), None
+# for an op that is off. Blur: one kernel size for the batch, wide enough for the largest sigma.
+Jitter = namedtuple("Jitter", "brightness contrast saturation hue p")
+Grayscale = namedtuple("Grayscale", "p")
+Flip = namedtuple("Flip", "p")
+ViewSpec = namedtuple("ViewSpec", "size scale ratio steps mean std")  # crop, steps, Normalize (mean None: none)
 
 
-@dataclass(frozen=True)
-class Jitter:
-    """RandomApply([ColorJitter], p): factor ranges (lo, hi), None for an op that is off."""
-
-    brightness: tuple | None
-    contrast: tuple | None
-    saturation: tuple | None
-    hue: tuple | None
-    p: float
-
-
-@dataclass(frozen=True)
-class Grayscale:
-    p: float
-
-
-@dataclass(frozen=True)
-class Blur:
-    """RandomApply([GaussianBlur(sigma)], p); one kernel size for the batch, wide enough for the largest sigma."""
-
-    sigma: tuple
-    p: float
-
-    @property
-    def kernel_size(self) -> int:
-        return 2 * math.ceil(3 * self.sigma[1]) + 1
-
-
-@dataclass(frozen=True)
-class Flip:
-    p: float
-
-
-@dataclass(frozen=True)
-class ViewSpec:
-    """One view: RandomResizedCrop(size, scale, ratio), then `steps` in the Pillow transform's order, then Normalize
-    (mean, std; None when the transform has no Normalize)."""
-
-    size: tuple
-    scale: tuple
-    ratio: tuple
-    steps: tuple
-    mean: tuple | None
-    std: tuple | None
-
-    def step(self, kind):
-        return next((s for s in self.steps if isinstance(s, kind)), None)
+class Blur(namedtuple("Blur", "sigma p")):
+    kernel_size = property(lambda self: 2 * math.ceil(3 * self.sigma[1]) + 1)
 
 
 def from_transform(transform) -> "DeviceViews":
@@ -120,21 +71,12 @@ def _one_line(t) -> str:
 
 def _spec(compose) -> ViewSpec:
     ops = list(compose.transforms) if isinstance(compose, T.Compose) else [compose]
-    crop = ops.pop(0) if ops else None
-    if not isinstance(crop, T.RandomResizedCrop):
-        raise ValueError(
-            f"device views: a view must start with RandomResizedCrop, got {_one_line(crop)} in {_one_line(compose)}"
-        )
-    if crop.interpolation != T.InterpolationMode.BILINEAR:
-        raise ValueError(f"device views: only bilinear RandomResizedCrop is supported, got {_one_line(crop)}")
-    steps, mean, std, tensor = [], None, None, False
+    crop, steps, mean, std, tensor = ops.pop(0) if ops else None, [], None, None, False
+    if not isinstance(crop, T.RandomResizedCrop) or crop.interpolation != T.InterpolationMode.BILINEAR:
+        raise ValueError(f"device views: a view must start with RandomResizedCrop (bilinear), got {_one_line(crop)}")
     for op in ops:
         inner, p = (op.transforms, op.p) if isinstance(op, T.RandomApply) else ([op], 1.0)
-        if len(inner) != 1:
-            raise ValueError(f"device views: RandomApply of more than one op is not supported: {_one_line(op)}")
-        (t,) = inner
-        if mean is not None:
-            raise ValueError(f"device views: {_one_line(t)} after Normalize is not supported in {_one_line(compose)}")
+        t = inner[0] if len(inner) == 1 and mean is None else None  # one op per RandomApply, none after Normalize
         if isinstance(t, T.ColorJitter):
             steps.append(Jitter(t.brightness, t.contrast, t.saturation, t.hue, p))
         elif isinstance(t, GaussianBlur):
@@ -149,24 +91,17 @@ def _spec(compose) -> ViewSpec:
             mean, std = tuple(map(float, t.mean)), tuple(map(float, t.std))
         else:
             raise ValueError(f"device views: no batched equivalent of {_one_line(op)} in {_one_line(compose)}")
-    kinds = [type(s) for s in steps]
-    if len(set(kinds)) != len(kinds):
-        raise ValueError(f"device views: an op appears twice in {_one_line(compose)}")
-    if not tensor:
-        raise ValueError(f"device views: the view must produce a tensor (ToTensor) in {_one_line(compose)}")
+    if not tensor or len({type(s) for s in steps}) != len(steps):
+        raise ValueError(f"device views: a view needs ToTensor and each op once, got {_one_line(compose)}")
     return ViewSpec(tuple(crop.size), tuple(crop.scale), tuple(crop.ratio), tuple(steps), mean, std)
 
 
 # ============ random parameters, drawn on the host ============
-
-
 def draw_crops(heights: torch.Tensor, widths: torch.Tensor, scale, ratio, tries: int = 10) -> torch.Tensor:
-    """RandomResizedCrop.get_params for N images at once: (N, 4) int64 boxes (top, left, height, width).
-
-    Each image makes up to `tries` attempts: area H*W*U(scale), aspect exp(U(log ratio)), w and h rounded half to
-    even (Python's round); the first attempt with 0 < w <= W and 0 < h <= H wins and its corner is uniform over the
-    valid integer positions. Without one, the centred largest box within the ratio range (the whole image if its
-    ratio is in range). All attempts are drawn up front; taking the first accepted one gives the same distribution."""
+    """RandomResizedCrop.get_params for N images at once: (N, 4) int64 boxes (top, left, height, width). Up to
+    `tries` attempts per image, all drawn up front (the first accepted one has the same distribution): area
+    H*W*U(scale), aspect exp(U(log ratio)), w and h rounded half to even; the first with 0 < w <= W and 0 < h <= H
+    wins, its corner uniform over the valid positions; without one, the centred largest box within the ratio range."""
     n = len(heights)
     H, W = heights.double(), widths.double()  # N
     log_ratio = torch.log(torch.tensor(ratio))  # float32, as torchvision
@@ -192,11 +127,9 @@ def draw_crops(heights: torch.Tensor, widths: torch.Tensor, scale, ratio, tries:
 
 
 def draw_params(spec: ViewSpec, heights: torch.Tensor, widths: torch.Tensor) -> dict:
-    """The random parameters of one view for N images of the given sizes, from torch's default CPU generator.
-
-    Returns host tensors: crop (N, 4) boxes; per step present in the spec: flip (N,) bool; jitter (N,) bool,
-    factors (N, 4) brightness / contrast / saturation / hue, order (N, 4) op ids in the order applied; gray (N,) bool;
-    blur (N,) bool, sigma (N,)."""
+    """The random parameters of one view for N images of these sizes, from torch's default CPU generator, as host
+    tensors: crop (N, 4); per step of the spec: jitter (N,) bool, factors (N, 4) brightness / contrast / saturation /
+    hue, order (N, 4) op ids in the order applied; gray (N,) bool; blur (N,) bool, sigma (N,); flip (N,) bool."""
     n = len(heights)
     params = {"crop": draw_crops(heights, widths, spec.scale, spec.ratio)}
     for step in spec.steps:
@@ -217,17 +150,14 @@ def draw_params(spec: ViewSpec, heights: torch.Tensor, widths: torch.Tensor) -> 
 
 
 # ============ batched ops (x: N x 3 x H x W float in [0, 1] unless stated) ============
-
-
 def _per_image(value, x: torch.Tensor) -> torch.Tensor:
     """A scalar or an (N,) tensor of per-image values as an N x 1 x 1 x 1 tensor on x's device."""
     return torch.as_tensor(value, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
 
 
 def resized_crops(images: list, boxes: torch.Tensor, size) -> torch.Tensor:
-    """Crop box k = (top, left, height, width) of images[k] (3 x H x W float) and resize it to `size` (h, w) with
-    antialiased bilinear interpolation (torchvision's resized_crop on tensors, antialias=True). Boxes are host ints.
-    Returns N x 3 x h x w."""
+    """Box k (top, left, height, width; host ints) of images[k] (3 x H x W float), resized to `size` (h, w) as
+    torchvision's resized_crop(antialias=True): N x 3 x h x w."""
     out = []
     for img, (top, left, h, w) in zip(images, boxes.tolist()):
         crop = img[None, :, top : top + h, left : left + w]  # 1 x 3 x h x w, a view
@@ -255,34 +185,15 @@ def _blend(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None, c: t
     return out.clamp_(0, 1)
 
 
-def adjust_brightness(x: torch.Tensor, factor) -> torch.Tensor:
-    """x * f, clamped; f a scalar or one factor per image."""
-    return _blend(x, _per_image(factor, x))
-
-
-def adjust_contrast(x: torch.Tensor, factor) -> torch.Tensor:
-    """Blend each image with the mean of its grayscale image."""
-    f = _per_image(factor, x)
-    return _blend(x, f, c=1 - f)
-
-
-def adjust_saturation(x: torch.Tensor, factor) -> torch.Tensor:
-    """Blend each image with its grayscale image."""
-    f = _per_image(factor, x)
-    return _blend(x, f, b=1 - f)
-
-
 def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
     """Luma replicated to 3 channels."""
     return _luma(x).expand_as(x).contiguous()
 
 
 def adjust_hue(x: torch.Tensor, factor) -> torch.Tensor:
-    """Rotate the hue by `factor` turns (in [-0.5, 0.5]) per image, in HSV, as torchvision's tensor adjust_hue.
-
-    RGB -> (hue, max, max - min) and back, with the hue kept in sixths of a turn. The inverse uses the closed form
-    channel = max - (max - min) * clamp(min(k, 4 - k), 0, 1), k = (n + hue) mod 6 with n = 5, 3, 1 for R, G, B: the
-    same function as the six-sector table, continuous in the hue, and it stays in [min, max]."""
+    """Rotate the hue by `factor` turns (in [-0.5, 0.5]) per image, as torchvision's tensor adjust_hue: RGB ->
+    (hue in sixths of a turn, max, max - min) and back by the closed form channel = max - (max - min) * clamp(min(k,
+    4 - k), 0, 1), k = (n + hue) mod 6, n = 5, 3, 1 for R, G, B (the six-sector table, continuous, in [min, max])."""
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
     minc, maxc = x.aminmax(dim=1, keepdim=True)  # N x 1 x H x W
     delta = maxc - minc
@@ -314,12 +225,6 @@ def _blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     return xp.view(n, c, h, w)
 
 
-def gaussian_blur(x: torch.Tensor, sigma, kernel_size: int) -> torch.Tensor:
-    """Gaussian blur with one sigma per image (a scalar or an (N,) tensor), one odd kernel size for the batch."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(len(x))
-    return _blur(x, gaussian_kernels(sigma, kernel_size))
-
-
 def hflip(x: torch.Tensor, mask) -> torch.Tensor:
     """Flip left-right the images where `mask` (N,) is true."""
     return torch.where(torch.as_tensor(mask, device=x.device).view(-1, 1, 1, 1), x.flip(-1), x)
@@ -332,16 +237,7 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     return x.sub_(mean).div_(std)
 
 
-def color_jitter(x: torch.Tensor, factors, order, applied, hue: bool = True) -> torch.Tensor:
-    """ColorJitter with per-image factors (N, 4), op order (N, 4) and whether it applies at all (N,) (host tensors),
-    the four ops in each image's own order. `hue=False` skips the hue op (ColorJitter's hue=None)."""
-    plan, host = _jitter_plan(factors, order, applied, hue)
-    return _run_jitter(x, plan, _send(host, x.device))
-
-
 # ============ per-batch plans: host tensors in, one copy to the device ============
-
-
 def _send(tensors: dict, device: torch.device) -> dict:
     """Host tensors to `device` as one pinned, non-blocking copy per dtype (no sync, few transfers)."""
     if device.type == "cpu":
@@ -389,8 +285,6 @@ def _run_jitter(x: torch.Tensor, plan, dev: dict) -> torch.Tensor:
 
 
 # ============ decoding ============
-
-
 def _jpeg_components(blob: torch.Tensor) -> int:
     """Number of colour components in a JPEG's frame header (3 for YCbCr), 0 if the bytes are not a JPEG or the
     header cannot be found. Walks the marker segments up to the first SOF marker."""
@@ -426,11 +320,9 @@ def _pil_decode(blob: torch.Tensor, path: str) -> torch.Tensor:
 
 
 def decode(blobs: list, paths: list, device: torch.device) -> list:
-    """Encoded files (1-D uint8 host tensors) -> 3 x H x W uint8 RGB images on `device`, in order.
-
-    Three-component JPEGs go through one batched `decode_jpeg` call (nvJPEG on CUDA); files it does not take (CMYK
-    or grayscale JPEG, PNG or other formats whatever their name) and any file it refuses are decoded on the CPU with
-    Pillow, exactly as the Pillow path does, and join the batch. A file nobody can read is a UserError naming it."""
+    """Encoded files (1-D uint8 host tensors) -> 3 x H x W uint8 RGB images on `device`, in order: three-component
+    JPEGs in one batched `decode_jpeg` call (nvJPEG on CUDA); other files (CMYK or grey JPEG, PNG, ...) and any it
+    refuses with Pillow, as the Pillow path does. A file nobody can read is a UserError naming it."""
     device = torch.device(device)
     out = [None] * len(blobs)
     fast = [i for i, b in enumerate(blobs) if _jpeg_components(b) == 3]
@@ -454,20 +346,14 @@ def decode(blobs: list, paths: list, device: torch.device) -> list:
 
 
 # ============ the pipeline ============
-
-
 class DeviceViews:
-    """Batched views: `groups` is a list of (ViewSpec, number of views); a group's views are made together.
-
-    `views(blobs, paths, device)` decodes and augments a batch; `augment(images)` takes decoded images; `draw(heights,
+    """Batched views: `groups` is a list of (ViewSpec, number of views), each group's views made together.
+    `views(blobs, paths, device)` decodes and augments a batch, `augment(images)` decoded images; `draw(heights,
     widths)` gives the parameters `augment` would use (per group, view-major: entry v*B + b is view v of image b)."""
 
     def __init__(self, groups: list, single: bool):
         self.groups = groups
         self.single = single
-
-    def __repr__(self) -> str:
-        return f"DeviceViews({self.groups}, single={self.single})"
 
     def draw(self, heights: torch.Tensor, widths: torch.Tensor) -> list:
         return [draw_params(spec, heights.repeat(n), widths.repeat(n)) for spec, n in self.groups]

@@ -10,16 +10,14 @@ import os
 import torch
 import torch.distributed as dist
 
+from common.cli import UserError
+
 
 def init_distributed(device: str = "auto") -> torch.device:
-    """Join (or create) the process group and return this process's device.
-
-    device: "auto" (CUDA when available), "cuda" or "cpu".
-    """
+    """Join (or create) the process group and return this process's device; device: "auto" (CUDA when available),
+    "cuda" or "cpu"."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        from common.cli import UserError
-
         raise UserError("--device cuda was asked for but CUDA is not available")
     # plain `python script.py`: a one-process group on an in-process store (no port to find or to race for)
     alone = "RANK" not in os.environ
@@ -83,7 +81,3 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     dist.broadcast(tensor, src)
     return tensor
-
-
-def barrier() -> None:
-    dist.barrier()

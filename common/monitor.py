@@ -1,29 +1,20 @@
 """Watching a pretraining run: a kNN monitor of the trunk, and one-line warnings for the usual failures.
 
-kNN monitor (`KNNMonitor`): every --knn-every epochs, the trunk embeds DATA/val and a fixed, class-balanced part
-of DATA/train (up to 50 images per class, drawn once under seed 0: 50,000 on ImageNet, as many as its val set,
-and the same images for every run and every --seed), and each val image is classified by a weighted vote of its
-nearest training images. The classifier is the weighted kNN of Wu, Xiong, Yu, Lin, "Unsupervised Feature Learning
-via Non-Parametric Instance Discrimination", CVPR 2018: cosine similarity s_i of L2-normalised pooled
-trunk features (before fc), the k = 200 most similar training images (fewer if the memory is smaller), each
-voting for its class with weight exp(s_i / T), T = 0.07; the prediction is the class with the largest sum.
+kNN monitor (`KNNMonitor`), every --knn-every epochs: each DATA/val image is classified by the weighted kNN of Wu,
+Xiong, Yu, Lin, "Unsupervised Feature Learning via Non-Parametric Instance Discrimination", CVPR 2018, over a fixed,
+class-balanced part of DATA/train (up to 50 images per class, drawn once under seed 0: 50,000 on ImageNet, the same
+for every run and --seed): cosine similarity s_i of L2-normalised pooled trunk features (before fc), the k = 200 most
+similar training images (fewer if the memory is smaller) each voting for its class with weight exp(s_i / T), T = 0.07.
+It leaves training exactly as it was: the trunk runs in eval mode without gradients, each module gets its own
+training flag back, the method's state is never read, its loaders have their own generator and the RNG states
+(torch CPU and CUDA, numpy, python) are restored on leaving. Under torch.distributed, process r embeds images r,
+r+W, ...; the training features are gathered and the counts summed, so every process returns the same accuracy,
+the same for any number of processes. A call costs one eval forward per image (100,000 on ImageNet, about 2 % of a
+MoCo v2 epoch, under 1 % of a DeepCluster-v2 one) and the kNN about 1,250 ResNet-50 forwards more.
 
-The monitor leaves training exactly as it was: the trunk runs in eval mode without gradients (no BatchNorm
-statistic moves) and each module gets its own training flag back; it reads the trunk only, never the method's
-state; its loaders draw from their own generator (a DataLoader without one draws from torch's global RNG each
-time it is iterated), and the RNG states (torch CPU and CUDA, numpy, python) are restored on leaving besides.
-
-Under torch.distributed, process r embeds images r, r+W, ... of each set, the training features are gathered
-(every image once) and each process classifies its own val images; the counts are summed, so every process returns
-the same accuracy, the same for any number of processes.
-
-Cost of a call: one eval forward per image, 100,000 on ImageNet (50,000 train + 50,000 val), about 2 % of a
-MoCo v2 epoch (1.28M images x 4 forward-equivalents) and under 1 % of a DeepCluster-v2 one; the kNN itself adds
-the equivalent of about 1,250 ResNet-50 forwards.
-
-Warnings (rank 0, one line each, starting with "warning:"): `check_loss` (loss at its chance value past the
-warm-up), `check_spread` (embeddings collapsing, from `embedding_spread`), `check_largest_cluster` (one cluster
-holding most of the memory, from `largest_cluster`). The statistics are plain floats, so the scripts log them too.
+Warnings (`check_health`; rank 0, one line each, starting with "warning:"): the loss at its chance value past the
+warm-up, embeddings collapsing (`embedding_spread`), one cluster holding most of the memory (`largest_cluster`). The
+statistics are plain floats, so the scripts log them too.
 """
 
 import contextlib
@@ -47,9 +38,9 @@ PER_CLASS = 50  # training images per class in the kNN memory: 50,000 on ImageNe
 SUBSET_SEED = 0  # fixed, so that runs with different --seed are measured on the same images
 KNN_K, KNN_T = 200, 0.07  # Wu et al. 2018
 
-LOSS_RATIO = 0.97  # check_loss: warn when the epoch's mean loss is above 0.97 x chance past the warm-up
-SPREAD_MIN = 0.1  # check_spread: warn below (1: spread over the sphere; 0.1: within ~6 degrees of one direction)
-CLUSTER_MAX = 0.5  # check_largest_cluster: warn when one cluster of a head holds more than half of the memory
+LOSS_RATIO = 0.97  # check_health: warn when the epoch's mean loss is above 0.97 x chance past the warm-up
+SPREAD_MIN = 0.1  # and when embedding_spread is below (1: spread over the sphere; 0.1: within ~6 deg of a direction)
+CLUSTER_MAX = 0.5  # and when one cluster of a head holds more than half of the memory (largest_cluster)
 
 
 def trunk_features(resnet: torch.nn.Module, images: torch.Tensor, amp: bool = True) -> torch.Tensor:
@@ -121,15 +112,11 @@ def _eval_mode(module: torch.nn.Module):
 
 
 class KNNMonitor:
-    """Weighted-kNN top-1 of a trunk: val images classified by their nearest training images (see the module
-    docstring). Build it once, on every process (the datasets are scanned here, not at each call); call it on every
-    process with the unwrapped trunk (e.g. `model_without_ddp.encoder_q`). With `arch`, the first call also measures
-    a randomly initialised trunk of that architecture once, for reference.
-
-    data: the ImageNet-style root; crop_size: the script's crop (the eval view resizes to crop * 256/224 and crops
-    the centre); batch_size: images per process per forward (the training loader's is safe); workers: loader
-    processes (0: in this process); amp: bf16 autocast and channels_last on CUDA, as the script trains.
-    """
+    """Weighted-kNN top-1 of a trunk (module docstring). Build it once on every process (the datasets are scanned
+    here); call it on every process with the unwrapped trunk (e.g. `model_without_ddp.encoder_q`). With `arch`, the
+    first call also measures a randomly initialised trunk of that architecture, for reference. crop_size: the
+    script's (the eval view resizes to crop * 256/224, then crops the centre); batch_size: images per process per
+    forward; workers: loader processes; amp: bf16 autocast and channels_last on CUDA, as the script trains."""
 
     def __init__(
         self,
@@ -310,53 +297,30 @@ def cluster_sizes(assignments: torch.Tensor, clusters) -> dict:
     }
 
 
-def _warn(line: str) -> str:
-    dist.print0("warning: " + line)
-    return "warning: " + line
-
-
-def check_loss(loss: float, chance: float, epoch: int, warmup_epochs: int) -> str | None:
-    """Rule: after epoch `epoch` (counted from 1, as in log.jsonl) of a run past its first `warmup_epochs`, the
-    epoch's mean loss above LOSS_RATIO x chance warns, once per such epoch. chance: the loss of the uniform
-    prediction, ln(1 + K) for MoCo v2 (K = queue size), the mean of ln K_h over the heads for DeepCluster-v2.
-    Returns the line printed (rank 0), or None."""
-    if epoch <= warmup_epochs or loss <= LOSS_RATIO * chance:
-        return None
-    return _warn(
-        f"train/loss {loss:.4f} after epoch {epoch} is above {LOSS_RATIO} x its chance value {chance:.4f}, past the "
-        f"warm-up (epoch {warmup_epochs}): the network predicts no better than uniformly (often the collapsed, uniform "
-        "solution); lower --lr or check the views (a loss well below chance is normal: moco #12, 6.9 for MoCo v2 at "
-        "K = 65536, chance 11.09)"
-    )
-
-
-def check_spread(spread: float) -> str | None:
-    """Warns when embedding_spread is below SPREAD_MIN. Returns the line printed (rank 0), or None."""
-    if spread >= SPREAD_MIN:
-        return None
-    return _warn(
-        f"train/embed_spread {spread:.4f} is below {SPREAD_MIN} (about 1 when the embeddings spread over the sphere, "
-        "0 when they are all equal): the embeddings are collapsing to a point or a low-dimensional subspace; "
-        "lower --lr or check the views"
-    )
-
-
-def check_largest_cluster(fraction: float) -> str | None:
-    """Warns when largest_cluster is above CLUSTER_MAX. Returns the line printed (rank 0), or None."""
-    if fraction <= CLUSTER_MAX:
-        return None
-    return _warn(
-        f"train/largest_cluster {fraction:.4f} is above {CLUSTER_MAX} (one cluster holds {100 * fraction:.0f} % of "
-        "the memory): the trunk maps most images alike and k-means collapses to one cluster; lower --lr"
-    )
-
-
 def check_health(stats: dict, chance: float, epoch: int, warmup_epochs: int) -> list[str]:
-    """Every warning that applies to an epoch's logged stats: the loss against its chance value, and
-    train/embed_spread and train/largest_cluster when they are there. Returns the lines printed (rank 0)."""
-    lines = [check_loss(stats["train/loss"], chance, epoch, warmup_epochs)]
-    if "train/embed_spread" in stats:
-        lines.append(check_spread(stats["train/embed_spread"]))
-    if "train/largest_cluster" in stats:
-        lines.append(check_largest_cluster(stats["train/largest_cluster"]))
-    return [line for line in lines if line]
+    """The warnings that apply to an epoch's logged stats, printed (rank 0) and returned, one line each: train/loss
+    above LOSS_RATIO x `chance` (the loss of the uniform prediction: ln(1 + K) for MoCo v2, the mean of ln K_h over
+    the heads for DeepCluster-v2) after epoch `epoch` (counted from 1, as in log.jsonl) past the first
+    `warmup_epochs`; train/embed_spread below SPREAD_MIN; train/largest_cluster above CLUSTER_MAX."""
+    loss, lines = stats["train/loss"], []
+    if epoch > warmup_epochs and not loss <= LOSS_RATIO * chance:  # not <=: a NaN warns too
+        lines.append(
+            f"train/loss {loss:.4f} after epoch {epoch} is above {LOSS_RATIO} x its chance value {chance:.4f}, past "
+            f"the warm-up (epoch {warmup_epochs}): the network predicts no better than uniformly (often the collapsed, "
+            "uniform solution); lower --lr or check the views (a loss well below chance is normal: moco #12, 6.9 for "
+            "MoCo v2 at K = 65536, chance 11.09)"
+        )
+    if not stats.get("train/embed_spread", SPREAD_MIN) >= SPREAD_MIN:
+        lines.append(
+            f"train/embed_spread {stats['train/embed_spread']:.4f} is below {SPREAD_MIN} (about 1 when the embeddings "
+            "spread over the sphere, 0 when they are all equal): the embeddings are collapsing to a point or a "
+            "low-dimensional subspace; lower --lr or check the views"
+        )
+    if not (fraction := stats.get("train/largest_cluster", 0.0)) <= CLUSTER_MAX:
+        lines.append(
+            f"train/largest_cluster {fraction:.4f} is above {CLUSTER_MAX} (one cluster holds {100 * fraction:.0f} % of "
+            "the memory): the trunk maps most images alike and k-means collapses to one cluster; lower --lr"
+        )
+    for line in lines:
+        dist.print0("warning: " + line)
+    return ["warning: " + line for line in lines]

@@ -1,11 +1,9 @@
 """Label subsets for semi-supervised evaluation: a SimCLR list file, or a seeded class-balanced draw.
 
-A list file holds one training-image file name per line (`n01440764_10026.JPEG`); the class is the prefix
-before the last `_`, the image is DATA/train/<class>/<file>. The standard ImageNet lists are SimCLR's
-`imagenet_subsets/{1,10}percent.txt` (1 %: 12,811 images, 10 %: 128,116). Without a list, `balanced` draws
-floor(perc / 100 x N) images (12,811 and 128,116 of ImageNet's 1,281,167: the standard sizes), spread over the
-classes as evenly as possible, from the seed alone: the same on every process and for any number of processes.
-For one seed, a smaller draw is a subset of a larger one (as SimCLR's 1 % list is of its 10 % list).
+A list file holds one training-image file name per line (`n01440764_10026.JPEG`: DATA/train/<the prefix before the
+last _>/<file>), as SimCLR's `imagenet_subsets/{1,10}percent.txt` (12,811 and 128,116 images). Without one,
+`balanced` draws floor(perc / 100 x N) images (the same sizes on ImageNet), as evenly over the classes as they
+allow, from the seed alone (the same on any number of processes); a smaller draw is a subset of a larger one.
 """
 
 import os
@@ -48,11 +46,8 @@ def from_file(dataset, path: str) -> list[int]:
 
 
 def balanced(targets: list[int], perc: float, seed: int) -> list[int]:
-    """Indices of floor(perc/100 x N) samples, as evenly spread over the classes as their sizes allow.
-
-    Each class gets min(size, L) images for the largest level L that fits; the few left over go, one each, to
-    classes with images to spare, in a seeded order. Within a class, the images are taken in a seeded order.
-    """
+    """Indices of floor(perc/100 x N) samples: min(size, L) of each class for the largest level L that fits, the
+    few left over one each to classes with images to spare, in a seeded order; within a class, in a seeded order."""
     n = int(perc * len(targets) // 100)
     by_class = {}
     for i, t in enumerate(targets):

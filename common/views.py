@@ -1,5 +1,6 @@
 """Augmented views: MoCo v2 "aug-plus" two-crop views, SwAV-style multi-crop views, and the evaluation
-transforms. Parameters follow the reference repositories (see README, "Faithfulness")."""
+transforms. Parameters and op order follow the reference code: the MoCo repository's main_moco.py (--aug-plus) and
+moco/loader.py, and the SwAV repository's src/multicropdataset.py (one difference: its std, noted at STD)."""
 
 import random
 

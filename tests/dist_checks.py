@@ -200,5 +200,5 @@ if __name__ == "__main__":
     for name, script, flags in runs(out):
         mod = importlib.import_module(script)
         mod.main(mod.get_args_parser().parse_args([data, *flags, "--output-dir", os.path.join(out, name)]))
-        dist.barrier()
+        torch.distributed.barrier()
     cleanup()

@@ -88,7 +88,7 @@ def test_resume_with_other_flags_names_the_tensor_and_the_flag(tiny_data, run_di
     before = digest(run_dir)
     args = [tiny_data, *MOCO, "--moco-dim", 64, "--epochs", 3, "--output-dir", run_dir, "--resume"]
     message = main_error("moco_v2", *args)
-    assert "in the checkpoint, [64, 64] with these flags; check --moco-k / --moco-dim" in message
+    assert "in the checkpoint, [64, 64] with these flags; check the flags that build" in message
     assert digest(run_dir) == before
 
 

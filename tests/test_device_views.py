@@ -58,6 +58,36 @@ def images(n=4, h=40, w=50, seed=0):
 # ============ each op equals torchvision's functional op for fixed parameters ============
 
 
+# The single ops, as the pipeline runs them (a blend, a separable blur, a jitter plan), one parameter per image.
+def adjust_brightness(x, factor):
+    return dv._blend(x, dv._per_image(factor, x))
+
+
+def adjust_contrast(x, factor):  # blend each image with the mean of its grayscale image
+    f = dv._per_image(factor, x)
+    return dv._blend(x, f, c=1 - f)
+
+
+def adjust_saturation(x, factor):  # blend each image with its grayscale image
+    f = dv._per_image(factor, x)
+    return dv._blend(x, f, b=1 - f)
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    return dv._blur(x, dv.gaussian_kernels(torch.as_tensor(sigma, dtype=torch.float32).expand(len(x)), kernel_size))
+
+
+def step(spec, kind):
+    """The step of this kind in a view's specification (None without one)."""
+    return next((s for s in spec.steps if isinstance(s, kind)), None)
+
+
+def color_jitter(x, factors, order, applied, hue=True):
+    """Per-image factors (N, 4), op order (N, 4) and whether the jitter applies (N,), as DeviceViews runs them."""
+    plan, host = dv._jitter_plan(factors, order, applied, hue)
+    return dv._run_jitter(x, plan, dv._send(host, x.device))
+
+
 def test_resized_crop_matches_torchvision():
     """Antialiased resized crop, down and up, square and not: equal to TF.resized_crop (antialias=True), atol 1e-6."""
     g = torch.Generator().manual_seed(1)
@@ -73,9 +103,9 @@ def test_resized_crop_matches_torchvision():
 @pytest.mark.parametrize(
     "ours, theirs, factors",
     [
-        (dv.adjust_brightness, TF.adjust_brightness, [0.0, 0.3, 1.0, 1.8]),
-        (dv.adjust_contrast, TF.adjust_contrast, [0.0, 0.3, 1.0, 1.8]),
-        (dv.adjust_saturation, TF.adjust_saturation, [0.0, 0.3, 1.0, 1.8]),
+        (adjust_brightness, TF.adjust_brightness, [0.0, 0.3, 1.0, 1.8]),
+        (adjust_contrast, TF.adjust_contrast, [0.0, 0.3, 1.0, 1.8]),
+        (adjust_saturation, TF.adjust_saturation, [0.0, 0.3, 1.0, 1.8]),
         (dv.adjust_hue, TF.adjust_hue, [-0.5, -0.2, 0.0, 0.5]),
     ],
     ids=["brightness", "contrast", "saturation", "hue"],
@@ -107,7 +137,7 @@ def test_gaussian_blur_matches_torchvision():
     x = images()
     sigma = torch.tensor([0.1, 0.7, 1.3, 2.0])
     assert dv.Blur((0.1, 2.0), 0.5).kernel_size == 13
-    out = dv.gaussian_blur(x, sigma, 13)
+    out = gaussian_blur(x, sigma, 13)
     for i, s in enumerate(sigma.tolist()):
         torch.testing.assert_close(out[i], TF.gaussian_blur(x[i], [13, 13], [s, s]), atol=1e-6, rtol=0)
 
@@ -119,7 +149,7 @@ def test_color_jitter_applies_each_images_own_order():
     factors = torch.tensor([[1.3, 0.7, 1.2, 0.05], [0.6, 1.4, 0.5, -0.1], [1.8, 0.2, 1.7, 0.2]]).repeat(2, 1)
     order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [2, 3, 0, 1], [1, 0, 3, 2], [3, 0, 2, 1], [0, 1, 2, 3]])
     applied = torch.tensor([True, True, True, True, True, False])
-    out = dv.color_jitter(x, factors, order, applied)
+    out = color_jitter(x, factors, order, applied)
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for i in range(6):
         ref = x[i]
@@ -361,10 +391,10 @@ def test_from_transform_reads_the_pillow_transform_and_refuses_unknown_ops():
         ((96, 96), (0.05, 0.14), 6),
     ]
     spec = views.groups[0][0]
-    jitter = spec.step(dv.Jitter)
+    jitter = step(spec, dv.Jitter)
     assert [jitter.brightness, jitter.contrast, jitter.saturation] == [pytest.approx((0.2, 1.8))] * 3
     assert (jitter.hue, jitter.p) == ((-0.2, 0.2), 0.8)
-    assert spec.step(dv.Grayscale).p == 0.2 and spec.step(dv.Blur) == dv.Blur((0.1, 2.0), 0.5)
+    assert step(spec, dv.Grayscale).p == 0.2 and step(spec, dv.Blur) == dv.Blur((0.1, 2.0), 0.5)
     assert (spec.mean, spec.std) == (MEAN, STD)
     assert dv.from_transform(eval_train_view(32)).single
     with pytest.raises(ValueError, match="no batched equivalent of RandomRotation"):

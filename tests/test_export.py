@@ -26,10 +26,13 @@ def trunk_state(arch, seed=0):
     return {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
 
 
-def ours(path, trunk, method="moco_v2", arch="resnet18"):
-    """A checkpoint of our schema, small: only `backbone` matters to the export."""
+def ours(path, trunk, method="moco_v2", arch="resnet18", classifier=False):
+    """A checkpoint of our schema, small: the export reads `backbone`; `model` is the trunk under a prefix, or with
+    `classifier` the trunk and a linear classifier, as lincls.py and finetune.py write it."""
     state = {k: {} for k in ckpt.KEYS} | {"format": ckpt.FORMAT, "method": method, "arch": arch, "epoch": 7}
-    torch.save({**state, "backbone": trunk}, path)
+    fc = {"fc.weight": torch.zeros(4, 512), "fc.bias": torch.zeros(4)}
+    model = trunk | fc if classifier else {f"encoder_q.{k}": v for k, v in trunk.items()}
+    torch.save({**state, "backbone": trunk, "model": model}, path)
     return str(path)
 
 
@@ -130,8 +133,8 @@ def test_wrong_input_is_a_clear_error(tmp_path):
     (tmp_path / "photo.pth").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(64))
     (tmp_path / "taken.pth").write_bytes(b"already here")
     cases = [
-        (ours(tmp_path / "lin.pth", trunk, method="lincls"), "out.pth", "is a lincls checkpoint, not a pretraining"),
-        (tmp_path / "photo.pth", "out.pth", "not a PyTorch checkpoint"),
+        (ours(tmp_path / "ft.pth", trunk, "finetune", classifier=True), "out.pth", "is a finetune checkpoint, not a"),
+        (tmp_path / "photo.pth", "out.pth", "not a checkpoint written by these scripts"),
         (tmp_path / "missing.pth", "out.pth", "no such file"),
         (ours(tmp_path / "ckpt.pth", trunk), "taken.pth", "taken.pth already exists"),
     ]

@@ -16,9 +16,7 @@ from common.monitor import (
     KNNMonitor,
     assignment_change,
     balanced_subset,
-    check_largest_cluster,
-    check_loss,
-    check_spread,
+    check_health,
     cluster_sizes,
     embedding_spread,
     knn_predict,
@@ -170,15 +168,28 @@ def test_monitor_one_and_two_processes_agree(tiny_data, monitor, two_processes):
     assert two["n_val"] == len(monitor.val_set)
 
 
+def check_loss(loss, chance, epoch, warmup_epochs):
+    return check_health({"train/loss": loss}, chance, epoch, warmup_epochs)
+
+
+def check_spread(spread):
+    return check_health({"train/loss": 0.0, "train/embed_spread": spread}, 1.0, 1, 0)
+
+
+def check_largest_cluster(fraction):
+    return check_health({"train/loss": 0.0, "train/largest_cluster": fraction}, 1.0, 1, 0)
+
+
 def test_loss_warning(capsys):
     chance = np.log(1 + 65536)
-    assert check_loss(0.99 * chance, chance, epoch=12, warmup_epochs=10).startswith("warning: train/loss")
-    line = capsys.readouterr().out
-    assert line.startswith("warning: train/loss") and line.count("\n") == 1 and "11.09" in line
-    assert check_loss(0.99 * chance, chance, epoch=10, warmup_epochs=10) is None  # still warming up
-    assert check_loss(6.9, chance, epoch=100, warmup_epochs=10) is None  # moco #12: normal
-    assert check_loss(0.96 * chance, chance, epoch=100, warmup_epochs=10) is None
-    assert capsys.readouterr().out == ""
+    (line,) = check_loss(0.99 * chance, chance, epoch=12, warmup_epochs=10)
+    assert line.startswith("warning: train/loss") and capsys.readouterr().out == line + "\n" and "11.09" in line
+    assert check_loss(0.99 * chance, chance, epoch=10, warmup_epochs=10) == []  # still warming up
+    assert check_loss(6.9, chance, epoch=100, warmup_epochs=10) == []  # moco #12: normal
+    assert check_loss(0.96 * chance, chance, epoch=100, warmup_epochs=10) == []
+    assert check_loss(float("nan"), chance, epoch=100, warmup_epochs=10)  # not finite: a warning too
+    capsys.readouterr()
+    assert check_health({"train/loss": 0.0}, chance, 100, 10) == [] and capsys.readouterr().out == ""
 
 
 def test_spread_warning(capsys):
@@ -187,10 +198,10 @@ def test_spread_warning(capsys):
     collapsed = healthy[:1].repeat(4096, 1)
     assert embedding_spread(healthy) == pytest.approx(1, abs=0.02)
     assert embedding_spread(collapsed) < 1e-3
-    assert check_spread(embedding_spread(healthy)) is None
+    assert check_spread(embedding_spread(healthy)) == []
     assert capsys.readouterr().out == ""
-    assert check_spread(embedding_spread(collapsed)).startswith("warning: train/embed_spread")
-    assert capsys.readouterr().out.count("\n") == 1
+    (line,) = check_spread(embedding_spread(collapsed))
+    assert line.startswith("warning: train/embed_spread") and capsys.readouterr().out == line + "\n"
 
 
 def test_largest_cluster_warning(capsys):
@@ -200,11 +211,11 @@ def test_largest_cluster_warning(capsys):
     collapsed[1, :900] = 7  # head 1: one cluster holds 90 % of the memory
     assert largest_cluster(healthy) < 0.1 and 0.9 <= largest_cluster(collapsed) < 0.92
     assert largest_cluster(torch.tensor([[0, 0, 1, -100, -100, -100]])) == pytest.approx(2 / 3)  # -100: unassigned
-    assert check_largest_cluster(largest_cluster(healthy)) is None
+    assert check_largest_cluster(largest_cluster(healthy)) == []
     assert capsys.readouterr().out == ""
-    assert check_largest_cluster(largest_cluster(collapsed)).startswith("warning: train/largest_cluster")
-    line = capsys.readouterr().out
-    assert line.count("\n") == 1 and "above 0.5" in line
+    (line,) = check_largest_cluster(largest_cluster(collapsed))
+    assert line.startswith("warning: train/largest_cluster") and "above 0.5" in line
+    assert capsys.readouterr().out == line + "\n"
 
 
 def test_cluster_diagnostics():

@@ -1,4 +1,5 @@
-"""The generated datasets (common/synthetic.py) and the learning benchmark's probe (benchmarks/learning.py)."""
+"""The generated datasets (common/synthetic.py, benchmarks/datasets.py) and the learning benchmark's probe
+(benchmarks/learning.py)."""
 
 import os
 
@@ -8,8 +9,8 @@ import torch
 from PIL import Image
 
 from benchmarks import learning
+from benchmarks.datasets import TEXTONS, _glyph_mask, glyph_alphabet, make_image_folder
 from common.data import ImageFolder
-from common.synthetic import TEXTONS, _glyph_mask, glyph_alphabet, make_image_folder
 from common.views import eval_val_view
 
 
