@@ -167,9 +167,11 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def _momentum_update_key_encoder(self):
-        """theta_k <- m * theta_k + (1 - m) * theta_q, parameters only (Eq. 2)."""
-        for p_q, p_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
-            p_k.mul_(self.m).add_(p_q.detach(), alpha=1.0 - self.m)
+        """theta_k <- m * theta_k + (1 - m) * theta_q, parameters only (Eq. 2): two fused calls over all tensors, the
+        same arithmetic as a loop of mul_ and add_ per parameter."""
+        p_k, p_q = list(self.encoder_k.parameters()), list(self.encoder_q.parameters())
+        torch._foreach_mul_(p_k, self.m)
+        torch._foreach_add_(p_k, p_q, alpha=1.0 - self.m)
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys):

@@ -43,6 +43,7 @@ def test_momentum_update_moves_only_key_parameters(process_group):
     model._momentum_update_key_encoder()
     for pq, pk, new in zip(q, k, model.encoder_k.parameters()):
         torch.testing.assert_close(new, 0.9 * pk + 0.1 * pq)
+        assert torch.equal(new, pk.clone().mul_(0.9).add_(pq, alpha=1 - 0.9))  # the per-parameter loop, bit for bit
         assert not new.requires_grad
     for p, old in zip(model.encoder_q.parameters(), q):
         assert torch.equal(p, old)
