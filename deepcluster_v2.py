@@ -51,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", default="auto", choices=VIEWS, help="pil (in workers) or device; auto: device on CUDA")
     p.add_argument("--seed", type=int, default=0, help="seed; process r uses seed + r (default 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="default: CUDA if available")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 + channels_last on CUDA")
+    p.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="bf16, channels_last (auto: on CUDA)")
     p.add_argument("--output-dir", default=f"runs/{METHOD}", help=f"checkpoints and log.jsonl (default runs/{METHOD})")
     p.add_argument("--resume", nargs="?", const="latest", help="checkpoint path; alone: the latest in --output-dir")
     p.add_argument("--save-freq", type=int, default=10, help="keep checkpoint_<epoch>.pth every N epochs (default 10)")
@@ -125,13 +125,13 @@ def init_memory(model, loader, args, device):
     M = steps x per-process batch."""
     model.train()
     b, n_banks = loader.batch_size, len(args.crops_for_assign)
-    fmt = torch.channels_last if args.amp and device.type == "cuda" else torch.contiguous_format
+    fmt = torch.channels_last if args.amp else torch.contiguous_format
     local_memory_index = torch.zeros(len(loader) * b, dtype=torch.long, device=device)  # M
     local_memory_embeddings = torch.zeros(n_banks, len(loader) * b, args.feat_dim, device=device)  # n_banks x M x D
     for i, (idx, crops) in enumerate(loader):
         local_memory_index[i * b : (i + 1) * b] = idx.to(device)
         for j, c in enumerate(args.crops_for_assign):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
                 z, _ = model(crops[c].to(device, non_blocking=True, memory_format=fmt))  # b x D
             local_memory_embeddings[j, i * b : (i + 1) * b] = z
     return local_memory_index, local_memory_embeddings
@@ -294,7 +294,7 @@ def train_one_epoch(model, loader, optimizer, schedule, memory, assignments, epo
     model.train()
     local_memory_index, local_memory_embeddings = memory
     progress = Progress(epoch, len(loader), args.batch_size, args.print_freq)
-    fmt = torch.channels_last if args.amp and device.type == "cuda" else torch.contiguous_format
+    fmt = torch.channels_last if args.amp else torch.contiguous_format
     b = loader.batch_size
     for i, (idx, images) in enumerate(loader):
         progress.data_loaded()
@@ -303,7 +303,7 @@ def train_one_epoch(model, loader, optimizer, schedule, memory, assignments, epo
             group["lr"] = lr
         idx = idx.to(device, non_blocking=True)  # b dataset ids
         images = [x.to(device, non_blocking=True, memory_format=fmt) for x in images]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             z, scores = model(images)  # V*b x D, [V*b x K_h]
         loss = deepcluster_loss(scores, assignments[:, idx], args.temperature)  # targets H x b
 
@@ -338,6 +338,7 @@ def main(args):
     # ============ setup ============
     check_args(args)
     device = dist.init_distributed(args.device)
+    args.amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")  # bf16 autocast, channels_last
     ckpt.prepare_output_dir(args.output_dir, args.resume)
     resume_path = ckpt.resolve_resume(args.resume, args.output_dir)
     ckpt.seed_all(args.seed + dist.rank())
@@ -364,7 +365,7 @@ def main(args):
     model = DeepClusterV2(args.arch, args.feat_dim, args.hidden_mlp, args.nmb_prototypes).to(device)
     if device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SyncBN does not run on the CPU
-    if args.amp and device.type == "cuda":
+    if args.amp:
         model = model.to(memory_format=torch.channels_last)
     model_without_ddp = model
 

@@ -55,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-size", type=int, default=224, help="side of the training and validation crops")
     p.add_argument("--seed", type=int, default=0, help="seed; process r uses seed + r (default 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="default: CUDA if available")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 + channels_last on CUDA")
+    p.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="bf16, channels_last (auto: on CUDA)")
     p.add_argument("--output-dir", default=f"runs/{METHOD}", help=f"checkpoints and log.jsonl (default runs/{METHOD})")
     p.add_argument("--resume", nargs="?", const="latest", help="checkpoint path; alone: the latest in --output-dir")
     p.add_argument("--save-freq", type=int, default=10, help="keep checkpoint_<epoch>.pth every N epochs (default 10)")
@@ -84,12 +84,12 @@ def train_one_epoch(model, loader, optimizer, epoch: int, args, device) -> dict:
     # The whole network trains, BatchNorm statistics included (synchronised over processes on CUDA).
     model.train()
     progress = Progress(epoch, len(loader), args.batch_size, args.print_freq)
-    fmt = torch.channels_last if args.amp and device.type == "cuda" else torch.contiguous_format
+    fmt = torch.channels_last if args.amp else torch.contiguous_format
     for i, (images, target) in enumerate(loader):
         progress.data_loaded()
         images = images.to(device, non_blocking=True, memory_format=fmt)
         target = target.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             output = model(images)
         loss = F.cross_entropy(output.float(), target)
 
@@ -106,12 +106,12 @@ def train_one_epoch(model, loader, optimizer, epoch: int, args, device) -> dict:
 def validate(model, loader, args, device) -> dict:
     """Top-1 / top-5 over the whole validation set (each process takes a disjoint share, summed)."""
     model.eval()
-    fmt = torch.channels_last if args.amp and device.type == "cuda" else torch.contiguous_format
+    fmt = torch.channels_last if args.amp else torch.contiguous_format
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, count
     for images, target in loader:
         images = images.to(device, non_blocking=True, memory_format=fmt)
         target = target.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             output = model(images).float()
         top5 = output.topk(min(5, output.shape[1]), dim=1).indices
         hits = top5 == target[:, None]
@@ -130,6 +130,7 @@ def validate(model, loader, args, device) -> dict:
 def main(args):
     # ============ setup ============
     device = dist.init_distributed(args.device)
+    args.amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")  # bf16 autocast, channels_last
     ckpt.prepare_output_dir(args.output_dir, args.resume)
     resume_path = ckpt.resolve_resume(args.resume, args.output_dir)
     ckpt.seed_all(args.seed + dist.rank())
@@ -168,7 +169,7 @@ def main(args):
     model = model.to(device)
     if device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if args.amp and device.type == "cuda":
+    if args.amp:
         model = model.to(memory_format=torch.channels_last)
     model_without_ddp = model
 

@@ -65,7 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", default="auto", choices=VIEWS, help="pil (in workers) or device; auto: device on CUDA")
     p.add_argument("--seed", type=int, default=0, help="seed; process r uses seed + r (default 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="default: CUDA if available")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 + channels_last on CUDA")
+    p.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="bf16, channels_last (auto: on CUDA)")
     p.add_argument("--output-dir", default=f"runs/{METHOD}", help=f"checkpoints and log.jsonl (default runs/{METHOD})")
     p.add_argument("--resume", nargs="?", const="latest", help="checkpoint path; alone: the latest in --output-dir")
     p.add_argument("--save-freq", type=int, default=10, help="keep checkpoint_<epoch>.pth every N epochs (default 10)")
@@ -169,13 +169,13 @@ def init_memory(model, loader, args, device):
     M = steps x per-process batch."""
     model.train()
     b, n_banks = loader.batch_size, len(args.crops_for_assign)
-    fmt = torch.channels_last if args.amp and device.type == "cuda" else torch.contiguous_format
+    fmt = torch.channels_last if args.amp else torch.contiguous_format
     local_memory_index = torch.zeros(len(loader) * b, dtype=torch.long, device=device)  # M
     local_memory_embeddings = torch.zeros(n_banks, len(loader) * b, args.feat_dim, device=device)  # n_banks x M x D
     for i, (idx, crops) in enumerate(loader):
         local_memory_index[i * b : (i + 1) * b] = idx.to(device)
         for j, c in enumerate(args.crops_for_assign):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
                 z, _ = model(crops[c].to(device, non_blocking=True, memory_format=fmt))  # b x D
             local_memory_embeddings[j, i * b : (i + 1) * b] = z
     return local_memory_index, local_memory_embeddings
@@ -422,7 +422,7 @@ def train_one_epoch(model, loader, optimizer, schedule, memory, assignments, epo
     dc = model.module  # HEXA: the unwrapped model: the attack runs outside DDP's forward
     local_memory_index, local_memory_embeddings = memory
     progress = Progress(epoch, len(loader), args.batch_size, args.print_freq)
-    fmt = torch.channels_last if args.amp and device.type == "cuda" else torch.contiguous_format
+    fmt = torch.channels_last if args.amp else torch.contiguous_format
     b, n0 = loader.batch_size, args.nmb_crops[0]  # HEXA: n0 = V0, the large crops, the ones made hard
     for i, (idx, images) in enumerate(loader):
         progress.data_loaded()
@@ -431,7 +431,7 @@ def train_one_epoch(model, loader, optimizer, schedule, memory, assignments, epo
             group["lr"] = lr
         idx = idx.to(device, non_blocking=True)  # b dataset ids
         images = [x.to(device, non_blocking=True, memory_format=fmt) for x in images]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             # HEXA: hard views of the large crops (crop-major, V0*b rows each), then the one DDP forward of all views
             targets, hard = assignments[:, idx], []  # H x b; [V0*b x 3 x s0 x s0]
             on = epoch >= args.hard_start_epoch  # hard views from --hard-start-epoch on
@@ -496,6 +496,7 @@ def main(args):
     # ============ setup ============
     check_args(args)
     device = dist.init_distributed(args.device)
+    args.amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")  # bf16 autocast, channels_last
     ckpt.prepare_output_dir(args.output_dir, args.resume)
     resume_path = ckpt.resolve_resume(args.resume, args.output_dir)
     ckpt.seed_all(args.seed + dist.rank())
@@ -528,7 +529,7 @@ def main(args):
     model = DeepClusterV2(*config).to(device)
     if device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SyncBN does not run on the CPU
-    if args.amp and device.type == "cuda":
+    if args.amp:
         model = model.to(memory_format=torch.channels_last)
     model_without_ddp = model
 

@@ -48,7 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-min-scale", type=float, default=0.2, help="smallest crop area (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed; process r uses seed + r (default 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="default: CUDA if available")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 + channels_last on CUDA")
+    p.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="bf16, channels_last (auto: on CUDA)")
     p.add_argument("--output-dir", default=f"runs/{METHOD}", help=f"checkpoints and log.jsonl (default runs/{METHOD})")
     p.add_argument("--resume", nargs="?", const="latest", help="checkpoint path; alone: the latest in --output-dir")
     p.add_argument("--save-freq", type=int, default=10, help="keep checkpoint_<epoch>.pth every N epochs (default 10)")
@@ -217,11 +217,11 @@ def adjust_learning_rate(optimizer, epoch: int, args) -> float:
 def train_one_epoch(model, loader, optimizer, epoch: int, args, device) -> dict:
     model.train()
     progress = Progress(epoch, len(loader), args.batch_size, args.print_freq)
-    fmt = torch.channels_last if args.amp and device.type == "cuda" else torch.contiguous_format
+    fmt = torch.channels_last if args.amp else torch.contiguous_format
     for i, (images, _) in enumerate(loader):
         progress.data_loaded()
         im_q, im_k = (x.to(device, non_blocking=True, memory_format=fmt) for x in images)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             logits, labels = model(im_q, im_k)
         loss = F.cross_entropy(logits, labels)
 
@@ -237,6 +237,7 @@ def train_one_epoch(model, loader, optimizer, epoch: int, args, device) -> dict:
 def main(args):
     # ============ setup ============
     device = dist.init_distributed(args.device)
+    args.amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")  # bf16 autocast, channels_last
     ckpt.prepare_output_dir(args.output_dir, args.resume)
     resume_path = ckpt.resolve_resume(args.resume, args.output_dir)
     ckpt.seed_all(args.seed + dist.rank())
@@ -263,7 +264,7 @@ def main(args):
     # ============ model ============
     bn_group = args.bn_group_size or loader.batch_size  # images per BatchNorm group
     model = MoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, bn_group).to(device)
-    if args.amp and device.type == "cuda":
+    if args.amp:
         model = model.to(memory_format=torch.channels_last)
     model_without_ddp = model
 

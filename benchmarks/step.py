@@ -48,7 +48,7 @@ def images(n, size, device):
 def supervised(o, device):
     """The yardstick: one forward-backward of the plain classifier, same arch, resolution and batch."""
     model = torchvision.models.get_model(o.arch, num_classes=1000).to(device)
-    fmt = torch.channels_last if o.amp and device.type == "cuda" else torch.contiguous_format
+    fmt = torch.channels_last if o.amp else torch.contiguous_format
     model = model.to(memory_format=fmt)
     optimizer = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9, weight_decay=1e-4)
     x = images(o.batch, o.size, device).to(memory_format=fmt)
@@ -57,7 +57,7 @@ def supervised(o, device):
     def epoch(steps):
         model.train()
         for _ in range(steps):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=o.amp and device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=o.amp):
                 out = model(x)
             loss = F.cross_entropy(out.float(), y)
             optimizer.zero_grad(set_to_none=True)
@@ -76,7 +76,7 @@ def moco_family(name, extra, groups=0):
         mod = __import__(name)
         args = mod.get_args_parser().parse_args(
             ["x", "-a", o.arch, "-b", str(o.batch), "--crop-size", str(o.size), "--moco-k", str(o.queue), "-p",
-             "1000000", *([] if o.amp else ["--no-amp"]), *extra]
+             "1000000", "--amp", "on" if o.amp else "off", *extra]
         )  # fmt: skip
         args.lr = 0.03 * args.batch_size / 256
         if groups:  # BatchNorm in `groups` groups per process, as one GPU runs the paper's 8 x 32 images
@@ -106,7 +106,7 @@ def dcluster_family(name):
         small = max(16, round(o.size * 96 / 224))  # the 96-px crops, scaled with --size
         args = mod.get_args_parser().parse_args(
             ["x", "-a", o.arch, "-b", str(o.batch), "--size-crops", str(o.size), str(small), "-p", "1000000",
-             *([] if o.amp else ["--no-amp"])]
+             "--amp", "on" if o.amp else "off"]
         )  # fmt: skip
         args.lr = 4.8 * args.batch_size / 4096
         model = mod.DeepClusterV2(args.arch, args.feat_dim, args.hidden_mlp, args.nmb_prototypes)
@@ -135,7 +135,8 @@ def dcluster_family(name):
 def _wrap(model, params, args, device, optim):
     """As the scripts' main(): to the device (channels_last under amp on CUDA), the optimizer, then DDP."""
     model = model.to(device)
-    if args.amp and device.type == "cuda":
+    args.amp = args.amp == "on"  # as main() resolves it
+    if args.amp:
         model = model.to(memory_format=torch.channels_last)
     optimizer = optim(params, args.lr, momentum=0.9, weight_decay=args.wd)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -146,11 +147,64 @@ METHODS = {
     "supervised": supervised,
     "moco_v2": moco_family("moco_v2", []),
     "moco_v2_groups": moco_family("moco_v2", [], groups=4),
+    "moco_v2_8groups": moco_family("moco_v2", [], groups=8),
     "mochi": moco_family("mochi", ["--mix-start-epoch", "0"]),
     "hexa_moco": moco_family("hexa_moco", []),
     "deepcluster_v2": dcluster_family("deepcluster_v2"),
     "hexa_dcluster": dcluster_family("hexa_dcluster"),
 }
+
+
+# What a step should cost, in forwards F of one batch at the crop size (a backward ~ 2 F; the attack's backward only
+# computes input gradients, ~ 1 F): the yardstick of the profile.
+ARITHMETIC = {
+    "supervised": (3, "fwd+bwd 3F"),
+    "moco_v2": (4, "query fwd+bwd 3F + key fwd 1F"),
+    "moco_v2_groups": (4, "as moco_v2"),
+    "moco_v2_8groups": (4, "as moco_v2"),
+    "mochi": (4, "as moco_v2, + mixing (small)"),
+    "hexa_moco": (12, "keys 1F + attack 2F + 3 queries x 3F"),
+    "deepcluster_v2": (3 * (2 + 6 * (96 / 224) ** 2), "3F x (2 + 6 x 0.18) crops"),
+    "hexa_dcluster": (
+        3 * (2 + 6 * (96 / 224) ** 2) + 2 * 2 + 4 * 3,
+        "as deepcluster_v2 + attack 2 x 2F + 4 hard crops x 3F",
+    ),
+}
+FAMILIES = [  # operator name fragments -> family, first match wins
+    ("convolution", ("conv", "mkldnn_convolution")),
+    ("batch norm", ("batch_norm",)),
+    ("matmul", ("mm", "einsum", "linear", "matmul", "bmm")),
+    ("optimizer", ("_foreach", "sgd", "lars")),
+    ("copy / layout", ("copy_", "cat", "clone", "contiguous", "_to_copy", "stack", "index", "repeat", "transpose")),
+    ("communication", ("c10d", "gloo", "nccl", "all_gather", "broadcast", "allreduce", "all_reduce")),
+    ("pooling / activation", ("pool", "relu", "threshold")),
+    ("elementwise / reduction", ("add", "mul", "div", "sub", "sum", "mean", "norm", "exp", "log", "max", "where",
+                                 "sign", "clamp", "minimum", "softmax", "nll", "cross_entropy", "fill", "zero")),
+]  # fmt: skip
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    return next((f for f, keys in FAMILIES if any(k in low for k in keys)), "other")
+
+
+def profile(method: str, o, device: torch.device) -> dict:
+    """ms per step by operator family (self time of the aten ops, torch.profiler) over o.steps steps after a
+    warm-up; on a GPU, device time."""
+    torch.manual_seed(0)
+    epoch = METHODS[method](o, device)
+    epoch(2)
+    acts = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+    )
+    with torch.profiler.profile(activities=acts) as prof:
+        epoch(o.steps)
+    out = {}
+    for e in prof.key_averages():
+        t = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
+        if t > 0 and not e.key.startswith(("ProfilerStep", "autograd::engine", "Optimizer.")):
+            out[family(e.key)] = out.get(family(e.key), 0.0) + t / 1e3 / o.steps
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def measure(method: str, o, device: torch.device) -> dict:
@@ -188,13 +242,18 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="steps per timed repetition")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (after one warm-up repetition)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--profile", action="store_true", help="also ms per step by operator family (torch.profiler)")
+    p.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="bf16, channels_last (auto: on CUDA)")
     o = p.parse_args()
     device = dist.init_distributed(o.device)
+    o.amp = o.amp == "on" or (o.amp == "auto" and device.type == "cuda")
     for method in o.methods:
         for batch in o.batches:
             o.batch = batch
-            print(json.dumps(measure(method, o, device)), flush=True)
+            row = measure(method, o, device)
+            if o.profile:
+                row["profile_ms"] = profile(method, o, device)
+            print(json.dumps(row), flush=True)
             gc.collect()  # the method's model and optimizer go before the next one's peak is measured
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -43,13 +43,12 @@ SPREAD_MIN = 0.1  # and when embedding_spread is below (1: spread over the spher
 CLUSTER_MAX = 0.5  # and when one cluster of a head holds more than half of the memory (largest_cluster)
 
 
-def trunk_features(resnet: torch.nn.Module, images: torch.Tensor, amp: bool = True) -> torch.Tensor:
+def trunk_features(resnet: torch.nn.Module, images: torch.Tensor, amp: bool = False) -> torch.Tensor:
     """The pooled features (N x d, fp32) of a torchvision ResNet: its forward up to avgpool, without its fc, so it
-    works whatever the fc is (a classifier, MoCo's MLP head, nn.Identity). With `amp` on CUDA, bf16 autocast and
-    channels_last input, as the scripts train."""
-    on_cuda = amp and images.device.type == "cuda"
-    x = images.contiguous(memory_format=torch.channels_last) if on_cuda else images
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=on_cuda):
+    works whatever the fc is (a classifier, MoCo's MLP head, nn.Identity). With `amp`, bf16 autocast and
+    channels_last input, as the scripts train with --amp on (auto: on CUDA)."""
+    x = images.contiguous(memory_format=torch.channels_last) if amp else images
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
         x = resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x))))
         x = resnet.layer4(resnet.layer3(resnet.layer2(resnet.layer1(x))))
         return torch.flatten(resnet.avgpool(x), 1).float()
@@ -116,7 +115,7 @@ class KNNMonitor:
     here); call it on every process with the unwrapped trunk (e.g. `model_without_ddp.encoder_q`). With `arch`, the
     first call also measures a randomly initialised trunk of that architecture, for reference. crop_size: the
     script's (the eval view resizes to crop * 256/224, then crops the centre); batch_size: images per process per
-    forward; workers: loader processes; amp: bf16 autocast and channels_last on CUDA, as the script trains."""
+    forward; workers: loader processes; amp: bf16 autocast and channels_last, as the script trains (--amp)."""
 
     def __init__(
         self,
@@ -125,7 +124,7 @@ class KNNMonitor:
         batch_size: int,
         workers: int,
         device: torch.device,
-        amp: bool = True,
+        amp: bool = False,
         per_class: int = PER_CLASS,
         seed: int = SUBSET_SEED,
         k: int = KNN_K,

@@ -167,6 +167,7 @@ def runs(out):
     """(output folder, script, flags): the end-to-end runs in two processes, with the device views; the evaluation
     scripts run on the checkpoints of the runs before them."""
     from conftest import DC_TINY, MOCO_TINY, PRETRAINED, TINY
+    from test_amp import AMP_RUNS
 
     def ckpt(name):
         return os.path.join(out, name, "checkpoint.pth")
@@ -181,6 +182,9 @@ def runs(out):
         ("lincls_moco_v2", "lincls", [*TINY, "--epochs", "1", "--pretrained", ckpt("moco_v2")]),
         ("lincls_deepcluster_v2", "lincls", [*TINY, "--epochs", "1", "--pretrained", ckpt("deepcluster_v2")]),
         ("finetune_moco_v2", "finetune", [*TINY, "-b", "4", *two, "--schedule", "1", "--pretrained", ckpt("moco_v2")]),
+        # the bf16 path on the CPU (test_amp.py): one epoch of the tiny data, --amp on
+        *[(f"amp_{name}", name, [*flags, *device, "--epochs", "1", "--amp", "on"]) for name, flags in AMP_RUNS.items()],
+        ("amp_lincls", "lincls", [*TINY, "--epochs", "1", "--amp", "on", "--pretrained", ckpt("moco_v2")]),
     ]
 
 
