@@ -63,6 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed; process r uses seed + r (default 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="default: CUDA if available")
     p.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="bf16, channels_last (auto: on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoders (off: unmeasured on a GPU)")
     p.add_argument("--output-dir", default=f"runs/{METHOD}", help=f"checkpoints and log.jsonl (default runs/{METHOD})")
     p.add_argument("--resume", nargs="?", const="latest", help="checkpoint path; alone: the latest in --output-dir")
     p.add_argument("--save-freq", type=int, default=10, help="keep checkpoint_<epoch>.pth every N epochs (default 10)")
@@ -434,6 +435,8 @@ def main(args):
     model = MoCo(*config).to(device)  # HEXA: + --hard-bn
     if args.amp:
         model = model.to(memory_format=torch.channels_last)
+    if args.compile:  # torch.compile of both encoders, in place: the same modules, parameters and checkpoint keys
+        model.encoder_q.compile(), model.encoder_k.compile()
     model_without_ddp = model
 
     # ============ optimizer ============

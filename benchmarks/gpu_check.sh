@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Every script on a CUDA GPU, then the full-size GPU benchmark, from a bare checkout with no network:
 #
-#     benchmarks/gpu_check.sh OUT            # tests/test_cuda.py, then python -m benchmarks.run --device cuda
+#     benchmarks/gpu_check.sh OUT            # tests/test_cuda.py, python -m benchmarks.run --device cuda, eager
+#                                            # against --compile (benchmarks.step)
 #     benchmarks/gpu_check.sh OUT --quick    # the same with the benchmark's tiny presets (a dry run; also on a CPU)
 #
 # Uses the Python on the PATH as it is (torch, torchvision, numpy, Pillow, pytest; matplotlib and faiss are
 # optional). faiss: an installed one, else a wheel in .whl/ (for example faiss-cpu, carried along as a file) is
 # installed into a temporary folder; without either, the DeepCluster family runs with --kmeans-backend torch.
-# Writes OUT/pytest.log, OUT/pytest.xml, OUT/benchmark.log and OUT/BENCHMARKS.md; exits non-zero if anything failed.
+# Writes OUT/pytest.log, OUT/pytest.xml, OUT/benchmark.log, OUT/BENCHMARKS.md and OUT/compile.log; exits non-zero if
+# anything failed.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUT [--quick]}
 quick=${2:-}
@@ -39,4 +41,9 @@ status=0
   | tee "$out/pytest.log" || status=1
 "$python" -m benchmarks.run --device "$device" ${quick:+--quick} --output "$out/BENCHMARKS.md" 2>&1 \
   | tee "$out/benchmark.log" || status=1
+# eager against torch.compile (--compile), side by side in one process: step time and the warm-up that compiles
+if [ "$quick" = --quick ]; then sizes="--arch resnet18 --size 32 --batches 8 --queue 1024 --steps 1 --reps 1"
+else sizes="--arch resnet50 --size 224 --batches 64 --queue 65536 --steps 10 --reps 3"; fi
+"$python" -m benchmarks.step moco_v2 moco_v2_compiled deepcluster_v2 deepcluster_v2_compiled --device "$device" \
+  $sizes 2>&1 | tee "$out/compile.log" || status=1
 exit $status

@@ -84,6 +84,8 @@ def moco_family(name, extra, groups=0):
         mochi = (args.mochi_n, args.mochi_s, args.mochi_s_prime) if name == "mochi" else ()
         bn_group = args.bn_group_size if args.bn_group_size and o.batch % args.bn_group_size == 0 else o.batch
         model = mod.MoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, bn_group, *mochi)
+        if args.compile:  # as main(): both encoders, in place
+            model.encoder_q.compile(), model.encoder_k.compile()
         views = [images(o.batch, o.size, "cpu") for _ in range(2)]
         batch = (views, torch.zeros(o.batch, dtype=torch.long))
         model, optimizer = _wrap(model, model.encoder_q.parameters(), args, device, torch.optim.SGD)
@@ -97,7 +99,7 @@ def moco_family(name, extra, groups=0):
     return build
 
 
-def dcluster_family(name):
+def dcluster_family(name, extra=()):
     """deepcluster_v2 and hexa_dcluster: the script's model, LARS, schedule and train_one_epoch, with the memory
     bank and the assignments in place (the per-epoch k-means is timed by benchmarks/kmeans.py)."""
 
@@ -106,12 +108,14 @@ def dcluster_family(name):
         small = max(16, round(o.size * 96 / 224))  # the 96-px crops, scaled with --size
         args = mod.get_args_parser().parse_args(
             ["x", "-a", o.arch, "-b", str(o.batch), "--size-crops", str(o.size), str(small), "-p", "1000000",
-             "--amp", "on" if o.amp else "off"]
+             "--amp", "on" if o.amp else "off", *extra]
         )  # fmt: skip
         args.lr = 4.8 * args.batch_size / 4096
         model = mod.DeepClusterV2(args.arch, args.feat_dim, args.hidden_mlp, args.nmb_prototypes)
         if device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if args.compile:  # as main(): the trunk, in place
+            model.backbone.compile()
         views = [images(o.batch, s, "cpu") for n, s in zip(args.nmb_crops, args.size_crops) for _ in range(n)]
         batch = (torch.arange(o.batch), views)
         model, optimizer = _wrap(model, [p for p in model.parameters() if p.requires_grad], args, device, mod.LARS)
@@ -148,10 +152,12 @@ METHODS = {
     "moco_v2": moco_family("moco_v2", []),
     "moco_v2_groups": moco_family("moco_v2", [], groups=4),
     "moco_v2_8groups": moco_family("moco_v2", [], groups=8),
+    "moco_v2_compiled": moco_family("moco_v2", ["--compile"]),
     "mochi": moco_family("mochi", ["--mix-start-epoch", "0"]),
     "hexa_moco": moco_family("hexa_moco", []),
     "deepcluster_v2": dcluster_family("deepcluster_v2"),
     "hexa_dcluster": dcluster_family("hexa_dcluster"),
+    "deepcluster_v2_compiled": dcluster_family("deepcluster_v2", ["--compile"]),
 }
 
 
@@ -162,6 +168,8 @@ ARITHMETIC = {
     "moco_v2": (4, "query fwd+bwd 3F + key fwd 1F"),
     "moco_v2_groups": (4, "as moco_v2"),
     "moco_v2_8groups": (4, "as moco_v2"),
+    "moco_v2_compiled": (4, "as moco_v2"),
+    "deepcluster_v2_compiled": (3 * (2 + 6 * (96 / 224) ** 2), "as deepcluster_v2"),
     "mochi": (4, "as moco_v2, + mixing (small)"),
     "hexa_moco": (12, "keys 1F + attack 2F + 3 queries x 3F"),
     "deepcluster_v2": (3 * (2 + 6 * (96 / 224) ** 2), "3F x (2 + 6 x 0.18) crops"),
@@ -212,7 +220,9 @@ def measure(method: str, o, device: torch.device) -> dict:
     o.steps steps after a warm-up, images/s and the peak memory of the timed steps (GPU) or of the process (CPU)."""
     torch.manual_seed(0)
     epoch = METHODS[method](o, device)
-    epoch(2)  # warm-up: allocator, cuDNN autotuning, lazy initialisation
+    t = time.perf_counter()
+    epoch(2)  # warm-up: allocator, cuDNN autotuning, lazy initialisation, torch.compile
+    warmup_s = time.perf_counter() - t
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -229,7 +239,7 @@ def measure(method: str, o, device: torch.device) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     step_s = statistics.median(times)
     return dict(method=method, batch=o.batch, step_s=step_s, min_s=min(times), max_s=max(times), img_s=o.batch / step_s,
-                peak_gib=peak)  # fmt: skip
+                peak_gib=peak, warmup_s=warmup_s)  # fmt: skip
 
 
 def main():
