@@ -1,6 +1,7 @@
 """On a CUDA GPU: every script with its CUDA defaults (bf16 autocast, channels_last, the device views; SyncBN and
-FAISS where the script uses them), the evaluation scripts on their checkpoints, resume, bf16 against fp32, k-means
-on the GPU against the CPU, device views on the GPU against the CPU, and GPU memory that stays flat across epochs.
+FAISS where the script uses them), the evaluation scripts on their checkpoints, resume, bf16 against fp32, a
+compiled step (--compile) against an eager one, k-means on the GPU against the CPU, device views on the GPU against
+the CPU, and GPU memory that stays flat across epochs.
 
 Skipped where CUDA is absent (CI). `benchmarks/gpu_check.sh OUT` runs them (`pytest -m cuda`), then the GPU
 benchmark. Where faiss is not installed, the DeepCluster family runs with --kmeans-backend torch (on the GPU).
@@ -138,6 +139,26 @@ def test_bf16_against_fp32(cuda_group):
     torch.testing.assert_close(logits16, logits32, atol=0.15, rtol=0.05)  # bf16: 8 bits of mantissa, x 1/T = 5
     loss32, loss16 = F.cross_entropy(logits32, labels), F.cross_entropy(logits16, labels)
     assert abs(float(loss16 - loss32)) < 0.02 * float(loss32)
+
+
+def test_compiled_step_matches_eager(cuda_group):
+    """--compile: one MoCo v2 forward and backward with both encoders compiled against eager, same weights and batch
+    (fp32: the difference is the compiler's reordering of float operations)."""
+    from moco_v2 import MoCo
+
+    torch.manual_seed(0)
+    eager = MoCo("resnet50", dim=128, K=1024, m=0.999, T=0.2, bn_group_size=16).cuda().train()
+    compiled = copy.deepcopy(eager)
+    compiled.encoder_q.compile(), compiled.encoder_k.compile()
+    im_q, im_k = torch.randn(2, 32, 3, 96, 96, device="cuda")
+    grads = []
+    for model in (eager, compiled):
+        torch.manual_seed(1)  # the same shuffle permutation
+        logits, labels = model(im_q, im_k)
+        F.cross_entropy(logits, labels).backward()
+        grads.append((logits.detach(), torch.cat([p.grad.flatten() for p in model.encoder_q.parameters()])))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-3, atol=1e-3)
+    assert F.cosine_similarity(grads[1][1], grads[0][1], dim=0) > 0.999
 
 
 def test_kmeans_on_gpu_matches_cpu():
