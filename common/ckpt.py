@@ -1,26 +1,8 @@
 """Checkpoints: one schema for every script, atomic writes, strict loads, exact resume.
 
-Schema (a plain dict, loadable with torch.load(weights_only=True)):
-    format      1
-    method      the METHOD of the script that wrote it ("moco_v2", ..., "lincls", "finetune", or a copy's own)
-    arch        torchvision ResNet name
-    epoch       number of completed epochs
-    backbone    the evaluated trunk: a torchvision ResNet state_dict without fc.* (load strictly into
-                `torchvision.models.<arch>()` minus its fc)
-    model       the full method state (heads, momentum encoder, queue and pointer, prototypes, ...)
-    optimizer   optimizer state_dict
-    args        the run's flags, as a dict
-    rng         per-process RNG states (torch, CUDA, numpy, python), one entry per rank
-    extra       method extras (e.g. the DeepCluster memory bank, the best accuracy of an evaluation)
-
-A checkpoint is told by its contents, never by its method's name (a copied script with a new METHOD is a method
-like the others): a pretraining checkpoint has a `backbone`. So does an evaluation's (lincls.py, finetune.py), but its
-`model` is that trunk plus a linear classifier and nothing else (the backbone's keys and fc.weight, fc.bias), where a
-pretraining model keeps its trunk under a prefix (encoder_q., backbone.) beside its heads: evaluation and export
-refuse it as --pretrained. --resume takes only a checkpoint whose method is the running script's METHOD.
-
-Every failure to read or write a checkpoint, or to fit one to the model these flags build, is a UserError: one line
-that names the file and the cause.
+The schema, and how a checkpoint is told by its contents rather than its method's name: docs/checkpoints.md. Every
+failure to read or write a checkpoint, or to fit one to the model these flags build, is a UserError: one line that
+names the file and the cause.
 """
 
 import contextlib
@@ -73,9 +55,8 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
 # ---------------------------------------------------------------- writing
 def save(state: dict, output_dir: str, keep: bool, latest_only: tuple = ()) -> str:
     """Rank 0 writes OUTPUT_DIR/checkpoint.pth atomically; with `keep`, also checkpoint_<epoch>.pth, without the
-    `extra` entries named in `latest_only` (large state only the latest needs, such as a memory bank), else as a hard
-    link to checkpoint.pth (a copy where links are refused): every save replaces checkpoint.pth by a new file, so a
-    kept one never changes. A failed write (a full disk, most often) leaves the previous files as they were and no
+    `extra` entries named in `latest_only` (such as a memory bank), else as a hard link to checkpoint.pth (a copy
+    where links are refused; docs/checkpoints.md). A failed write leaves the previous files as they were and no
     temporary file; its error names the last good checkpoint. Other ranks do nothing."""
     if not dist.is_main():
         return ""
@@ -88,42 +69,29 @@ def save(state: dict, output_dir: str, keep: bool, latest_only: tuple = ()) -> s
                 extra = {k: v for k, v in state["extra"].items() if k not in latest_only}
                 write_atomic(kept, lambda f: torch.save({**state, "extra": extra}, f))
             else:
-                _link_atomic(path, kept)
+                with open(path, "rb") as src:
+                    write_atomic(kept, lambda f: shutil.copyfileobj(src, f, 2**24), link=path)
     except UserError as err:
         raise UserError(f"{err}; {_last_good(path)}") from None
     return path
 
 
-def write_atomic(path: str, write) -> None:
+def write_atomic(path: str, write, link: str | None = None) -> None:
     """Write `path` through `path.tmp`: `write(f)` fills the open binary file, which is synced to the disk and
-    renamed over `path`. On failure the temporary file is removed and `path` is left as it was."""
-    with _writing(path) as tmp:
-        _write_file(tmp, write)
-
-
-def _link_atomic(src: str, dst: str) -> None:
-    with _writing(dst) as tmp:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        try:
-            os.link(src, tmp)
-        except OSError:  # a file system without hard links: a copy
-            with open(src, "rb") as s:
-                _write_file(tmp, lambda f: shutil.copyfileobj(s, f, 2**24))
-
-
-def _write_file(tmp: str, write) -> None:
-    with open(tmp, "wb") as f:
-        write(f)  # torch.save into an open file reports a failed write as the OSError of the write, with its errno
-        f.flush()
-        os.fsync(f.fileno())  # on the disk before the rename, so that a crash cannot leave a renamed empty file
-
-
-@contextlib.contextmanager
-def _writing(path: str):
+    renamed over `path`; with `link`, `path.tmp` is a hard link to that file instead, where the file system allows
+    one. On failure the temporary file is removed and `path` is left as it was."""
     tmp = path + ".tmp"
     try:
-        yield tmp
+        if link is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            with contextlib.suppress(OSError):  # no hard links on this file system: `write` below
+                os.link(link, tmp)
+        if link is None or not os.path.lexists(tmp):
+            with open(tmp, "wb") as f:
+                write(f)  # torch.save into an open file reports a failed write as the OSError of the write
+                f.flush()
+                os.fsync(f.fileno())  # on the disk before the rename: a crash cannot leave a renamed empty file
         os.replace(tmp, path)
     except BaseException as err:  # an interrupt too: no partial file is left behind
         with contextlib.suppress(OSError):
@@ -134,28 +102,22 @@ def _writing(path: str):
 
 
 def _write_cause(err: BaseException, path: str) -> str:
-    folder = os.path.dirname(os.path.abspath(path))
-    seen = err
-    while seen is not None:  # the OSError may sit under a RuntimeError of torch's writer
-        if isinstance(seen, OSError) and seen.errno:
-            cause = _os_cause(seen)
-            if seen.errno in (errno.ENOSPC, errno.EDQUOT):
-                cause += f" ({_free(folder)} free in {folder})"
-            return cause
+    folder, seen = os.path.dirname(os.path.abspath(path)), err
+    while seen is not None and not (isinstance(seen, OSError) and seen.errno):  # maybe under torch's RuntimeError
         seen = seen.__cause__ or seen.__context__
-    with contextlib.suppress(OSError):  # no errno (torch.save given a path): judge by the free space
-        if shutil.disk_usage(folder).free < 2**26:
-            return f"no space left on device ({_free(folder)} free in {folder})"
-    return reason(err)
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(folder).free
+        # a full disk, told by the errno or, without one (torch.save given a path), by the free space
+        full = seen.errno in (errno.ENOSPC, errno.EDQUOT) if seen else free < 2**26
+        if full:
+            cause = _os_cause(seen) if seen else "no space left on device"
+            return f"{cause} ({free / 2**20:,.0f} MiB free in {folder})"
+    return _os_cause(seen) if seen else reason(err)
 
 
 def _os_cause(err: OSError) -> str:
     text = os.strerror(err.errno) if err.errno else reason(err)
     return text[:1].lower() + text[1:]
-
-
-def _free(folder: str) -> str:
-    return f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB"
 
 
 def _last_good(path: str) -> str:
@@ -211,9 +173,8 @@ def check_kind(ckpt: dict, path: str, method: str) -> None:
 
 
 def load_state(module: torch.nn.Module, state_dict: dict, path: str, saved_args: dict | None = None) -> None:
-    """Load a resumed checkpoint's model state strictly. Keys and shapes are compared first, so that a checkpoint
-    made with other flags is one line: the first missing, unexpected or differently shaped tensor, and which flags
-    to check (the checkpoint's `saved_args` are its run's)."""
+    """Load a resumed checkpoint's model state strictly; one that does not fit is one line that names the first
+    missing, unexpected or differently shaped tensor and the flags to check (`saved_args`: the checkpoint's run's)."""
     expected = module.state_dict()
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise UserError(f"{path} does not fit these flags: its model entry is not a state_dict of tensors")
@@ -234,10 +195,8 @@ def _first_mismatch(expected: dict, state: dict) -> tuple[str, str] | None:
             return k, f"the checkpoint has no {k}"
         if state[k].shape != v.shape:
             return k, f"{k} is {list(state[k].shape)} in the checkpoint, {list(v.shape)} with these flags"
-    for k in state:
-        if k not in expected:
-            return k, f"the checkpoint holds {k}, which these flags do not build"
-    return None
+    extra = [k for k in state if k not in expected]
+    return (extra[0], f"the checkpoint holds {extra[0]}, which these flags do not build") if extra else None
 
 
 def _flag_hint(key: str, saved_args: dict) -> str:
@@ -272,10 +231,8 @@ def load_trunk(path: str, arch: str) -> dict:
 
 
 def trunk_of(obj, path: str, arch: str) -> dict:
-    """The trunk of a loaded pretraining checkpoint as torchvision ResNet keys without fc.*, checked strictly:
-    every trunk key present with its shape, nothing else. Formats: ours (`backbone`), the MoCo repository's
-    (`state_dict` with `module.encoder_q.*`) and the SwAV repository's (`module.*` trunk, projection head and
-    prototypes, in `state_dict` or flat)."""
+    """The trunk of a loaded pretraining checkpoint (ours, the MoCo or the SwAV repository's: docs/checkpoints.md)
+    as torchvision ResNet keys without fc.*, checked strictly: every trunk key present with its shape, nothing else."""
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         state = obj.get("backbone")
         if not isinstance(state, dict):
@@ -286,15 +243,11 @@ def trunk_of(obj, path: str, arch: str) -> dict:
         sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise UserError(f"{path} is not a pretraining checkpoint (no state_dict of tensors)")
-        if any(k.startswith("module.encoder_q.") for k in sd):  # MoCo repository
-            prefix = "module.encoder_q."
-            state = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-            state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the MoCo (MLP) head
-        else:  # SwAV repository (DeepCluster-v2, SwAV): drop the projection head and the prototypes
-            state = {k.removeprefix("module."): v for k, v in sd.items()}
-            state = {k: v for k, v in state.items() if not k.startswith(("projection_head.", "prototypes."))}
-    model = torchvision.models.get_model(arch)
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
+        moco = any(k.startswith("module.encoder_q.") for k in sd)  # else the SwAV repository's (DeepCluster-v2, SwAV)
+        prefix, heads = ("module.encoder_q.", ("fc.",)) if moco else ("module.", ("projection_head.", "prototypes."))
+        state = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix) or not moco}
+        state = {k: v for k, v in state.items() if not k.startswith(heads)}  # MoCo's MLP head; SwAV's head, prototypes
+    expected = {k: v.shape for k, v in backbone_of(torchvision.models.get_model(arch)).items()}
     problems = {"missing": sorted(set(expected) - set(state)), "unexpected": sorted(set(state) - set(expected))}
     problems["shape of"] = sorted(k for k in expected if k in state and state[k].shape != expected[k])
     for what, keys in problems.items():
@@ -319,14 +272,8 @@ def backbone_of(encoder: torch.nn.Module) -> dict:
 # ---------------------------------------------------------------- RNG
 def rng_states() -> list:
     """Every process's RNG states, gathered (collective: call on all ranks)."""
-    mine = {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": _numpy_state(),
-        "python": random.getstate(),
-    }
     out = [None] * dist.world_size()
-    torch_dist.all_gather_object(out, mine)
+    torch_dist.all_gather_object(out, _rng_state())
     return out
 
 
@@ -334,14 +281,18 @@ def restore_rng(states: list) -> bool:
     """Restore this rank's RNG states; False (and nothing restored) when the process count changed."""
     if len(states) != dist.world_size():
         return False
-    s = states[dist.rank()]
-    torch.set_rng_state(s["torch"])
-    if torch.cuda.is_available() and s["cuda"]:
-        torch.cuda.set_rng_state_all(s["cuda"])
-    keys, pos, has_gauss, gauss = s["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(s["python"])
+    _set_rng_state(states[dist.rank()])
     return True
+
+
+@contextlib.contextmanager
+def rng_kept(device: torch.device):
+    """Put back this process's torch (CPU, and `device` if a CUDA one), numpy and python RNG states on leaving."""
+    state = _rng_state(device)
+    try:
+        yield
+    finally:
+        _set_rng_state(state, device)
 
 
 def seed_all(seed: int) -> None:
@@ -351,6 +302,23 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-def _numpy_state():
+def _rng_state(device: torch.device | None = None) -> dict:
+    # CUDA: every device's generator (a checkpoint), or only `device`'s (rng_kept).
+    if device is None:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    else:
+        cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
     _, keys, pos, has_gauss, gauss = np.random.get_state()
-    return (torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    numpy = (torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))  # tensors: weights_only
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": numpy, "python": random.getstate()}
+
+
+def _set_rng_state(s: dict, device: torch.device | None = None) -> None:
+    torch.set_rng_state(s["torch"])
+    if device is not None and s["cuda"]:
+        torch.cuda.set_rng_state(s["cuda"][0], device)
+    elif torch.cuda.is_available() and s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+    keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(s["python"])

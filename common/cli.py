@@ -8,8 +8,7 @@ class UserError(Exception):
 
 
 def reason(err: BaseException) -> str:
-    """An exception as a short cause for a one-line message: the first non-empty line of its text, or the name of
-    its type when it has no text (an EOFError, for one)."""
+    """An exception as a short cause: the first non-empty line of its text, else its type's name (an EOFError)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
 

@@ -3,22 +3,14 @@
 import os
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets
 
 from common import device_views, dist
 from common.cli import UserError, reason
+from common.views import load_rgb
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-def load_rgb(path: str) -> Image.Image:
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except Exception as err:  # a truncated, corrupt or unreadable file
-        raise UserError(f"cannot read image {path}: {reason(err)}") from None
 
 
 def read_bytes(path: str) -> torch.Tensor:
@@ -39,8 +31,7 @@ class ImageFolder(datasets.ImageFolder):
     def __init__(self, root: str, transform=None, with_index: bool = False):
         check_folder(root)
         super().__init__(root, transform=transform, loader=load_rgb)
-        self.with_index = with_index
-        self.encoded = False
+        self.with_index, self.encoded = with_index, False
 
     def __getitem__(self, index):
         if self.encoded:
@@ -84,16 +75,15 @@ def train_loader(dataset, global_batch: int, workers: int, seed: int, device: to
         raise UserError(f"{len(dataset)} training images are fewer than one global batch of {global_batch}")
     if views == "device":
         return DeviceViewLoader(dataset, sampler, batch, workers, device)
+    return _batches(dataset, sampler, batch, workers, device)
+
+
+def _batches(dataset, sampler, batch_size: int, workers: int, device: torch.device, collate_fn=None) -> DataLoader:
+    # Whole batches only. Fresh workers each epoch (persistent_workers off), seeded from the main process's RNG: a
+    # resumed run draws the same augmentations as an uninterrupted one. Pinned memory on CUDA: asynchronous copies.
+    pin = device.type == "cuda"
     return DataLoader(
-        dataset,
-        batch_size=batch,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-        # Fresh workers each epoch, seeded from the main process's RNG: a resumed run draws the same
-        # augmentations as an uninterrupted one (persistent workers would carry their RNG across epochs).
-        persistent_workers=False,
+        dataset, batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn, pin_memory=pin, drop_last=True
     )
 
 
@@ -104,10 +94,9 @@ def _collate_encoded(items):
 
 
 class DeviceViewLoader:
-    """train_loader with views="device": the workers read the encoded bytes (no decoding, no random draws); each
-    batch is decoded and augmented on `device` with the batched equivalent of the dataset's view transform
-    (common.device_views.from_transform). Yields what the Pillow path yields, on `device`. Puts the dataset (an
-    ImageFolder, or a Subset of one) in encoded mode; forwards len(), .sampler, .batch_size and .dataset."""
+    """train_loader with views="device": the workers only read the encoded bytes; each batch is decoded and augmented
+    on `device` (`device_views.from_transform` of the dataset's transform), as the Pillow path yields it. Puts the
+    dataset (an ImageFolder, or a Subset of one) in encoded mode; forwards len(), .sampler, .batch_size, .dataset."""
 
     def __init__(self, dataset, sampler, batch_size: int, workers: int, device: torch.device):
         folder = dataset.dataset if isinstance(dataset, Subset) else dataset
@@ -117,16 +106,7 @@ class DeviceViewLoader:
         folder.encoded = True
         self.folder, self.dataset, self.sampler = folder, dataset, sampler
         self.batch_size, self.device = batch_size, device
-        self.loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=workers,
-            collate_fn=_collate_encoded,
-            pin_memory=device.type == "cuda",  # pinned bytes: the decoder's host-to-device copy is asynchronous
-            drop_last=True,
-            persistent_workers=False,  # as the Pillow path (the workers draw nothing here)
-        )
+        self.loader = _batches(dataset, sampler, batch_size, workers, device, _collate_encoded)
 
     def __len__(self):
         return len(self.loader)
@@ -140,11 +120,10 @@ class DeviceViewLoader:
 
 def eval_loader(dataset, global_batch: int, workers: int, device: torch.device) -> DataLoader:
     """Every image exactly once over all processes (rank r takes images r, r+W, ...), no padding."""
-    subset = Subset(dataset, range(dist.rank(), len(dataset), dist.world_size()))
-    return DataLoader(
-        subset,
-        batch_size=per_rank_batch(global_batch),
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-    )
+    return shard_loader(dataset, per_rank_batch(global_batch), workers, device, persistent_workers=workers > 0)
+
+
+def shard_loader(dataset, batch_size: int, workers: int, device: torch.device, **kwargs) -> DataLoader:
+    """This process's shard of `dataset` in order (rank r of W takes images r, r+W, ...); kwargs: DataLoader's."""
+    shard = Subset(dataset, range(dist.rank(), len(dataset), dist.world_size()))
+    return DataLoader(shard, batch_size, num_workers=workers, pin_memory=device.type == "cuda", **kwargs)

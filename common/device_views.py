@@ -1,36 +1,21 @@
-"""Augmented views made on the training device, batched: the workers only read the file bytes; the batch is decoded
-together (`decode_jpeg(..., device=...)`, batched nvJPEG on CUDA) and cropped, jittered, greyed, blurred, flipped and
-normalised with a few batched kernels per op, with independent random parameters per image and per view. For when
-the DataLoader workers cannot keep up with the GPU (the Pillow views cost one CPU core per ~165 two-crop images/s).
-`common.data.train_loader(..., views="device")` wires it in; every op also runs on CPU tensors (the tests do).
-
-The views are read from the Pillow transform object itself (`from_transform`: sizes, scales, ratios, strengths,
-probabilities, sigmas), so the two pipelines cannot drift apart, and follow torchvision's tensor semantics:
-RandomResizedCrop's `get_params` and an antialiased bilinear resize; ColorJitter's four ops in a random order per
-image, clamped to [0, 1] after each; torchvision's luma weights; a true Gaussian kernel per image (reflect padding)
-where Pillow uses box-blur passes; flip; Normalize. Output as the Pillow path's: float32 N x 3 x S x S per view.
-
-Every parameter is drawn on the host from torch's default CPU generator, vectorised over the batch, so checkpointed
-RNG states cover the views (a resumed run draws the same ones) and a seed gives the same parameters on CPU and CUDA;
-they reach the device in one pinned, non-blocking copy per dtype (no host-device sync per batch). Kernels per batch:
-one decode call, one resize per crop (crops differ in size), one uint8-to-float conversion per image, then a fixed
-number per op for each resolution group, hue, grey and blur running only on the images that draw them.
+"""Augmented views made on the training device, batched: the workers only read the file bytes; each batch is decoded
+together (batched nvJPEG on CUDA) and augmented with batched ops, random parameters per image and per view, read from
+the Pillow transform (`from_transform`). `common.data.train_loader(..., views="device")` wires it in. How it works and
+how it differs from Pillow: docs/data-loading.md.
 """
 
 import io
 import itertools
 import math
-from collections import defaultdict, namedtuple
+from collections import namedtuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from common.cli import UserError, reason
-from common.views import GaussianBlur, MultiCrop, TwoCrops
+from common.views import GaussianBlur, MultiCrop, TwoCrops, load_rgb
 
 # torchvision's tensor grayscale weights (ITU-R 601 luma; Pillow uses 0.299 for red).
 LUMA = (0.2989, 0.587, 0.114)
@@ -171,10 +156,9 @@ def _luma(x: torch.Tensor) -> torch.Tensor:
 
 
 def _blend(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None, c: torch.Tensor | None = None):
-    """clamp(a * x + b * gray(x) + c * mean(gray(x)), 0, 1) with a, b, c per image (N x 1 x 1 x 1).
-
-    Brightness, contrast and saturation are all this blend: brightness (f, 0, 0), contrast (f, 0, 1 - f), saturation
-    (f, 1 - f, 0); and nothing is (1, 0, 0), exactly: 1 * x + 0 == x, so one call serves a batch of mixed ops."""
+    """clamp(a * x + b * gray(x) + c * mean(gray(x)), 0, 1) with a, b, c per image (N x 1 x 1 x 1): brightness is
+    (f, 0, 0), contrast (f, 0, 1 - f), saturation (f, 1 - f, 0), nothing exactly (1, 0, 0), so one call serves a batch
+    of mixed ops."""
     out = x * a
     if b is not None or c is not None:
         gray = _luma(x)  # N x 1 x H x W
@@ -242,11 +226,9 @@ def _send(tensors: dict, device: torch.device) -> dict:
     """Host tensors to `device` as one pinned, non-blocking copy per dtype (no sync, few transfers)."""
     if device.type == "cpu":
         return tensors
-    by_dtype = defaultdict(list)
-    for name, t in tensors.items():
-        by_dtype[t.dtype].append(name)
     out = {}
-    for names in by_dtype.values():
+    for dtype in dict.fromkeys(t.dtype for t in tensors.values()):
+        names = [k for k, t in tensors.items() if t.dtype == dtype]
         flat = torch.cat([tensors[k].reshape(-1) for k in names]).pin_memory().to(device, non_blocking=True)
         for k, part in zip(names, flat.split([tensors[k].numel() for k in names])):
             out[k] = part.view(tensors[k].shape)
@@ -286,8 +268,7 @@ def _run_jitter(x: torch.Tensor, plan, dev: dict) -> torch.Tensor:
 
 # ============ decoding ============
 def _jpeg_components(blob: torch.Tensor) -> int:
-    """Number of colour components in a JPEG's frame header (3 for YCbCr), 0 if the bytes are not a JPEG or the
-    header cannot be found. Walks the marker segments up to the first SOF marker."""
+    """Colour components in a JPEG's frame header (3: YCbCr); 0 if not a JPEG or no frame header before the scan."""
     data = memoryview(blob.numpy())
     if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
         return 0
@@ -307,16 +288,6 @@ def _jpeg_components(blob: torch.Tensor) -> int:
         else:
             pos += 2 + (data[pos + 2] << 8 | data[pos + 3])
     return 0
-
-
-def _pil_decode(blob: torch.Tensor, path: str) -> torch.Tensor:
-    # The Pillow path's own decoding and RGB conversion (CMYK, grayscale, PNG, ...), and its one-line error.
-    try:
-        with Image.open(io.BytesIO(blob.numpy().tobytes())) as img:
-            rgb = np.array(img.convert("RGB"))
-    except Exception as err:  # a truncated, corrupt or unreadable file
-        raise UserError(f"cannot read image {path}: {reason(err)}") from None
-    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()  # 3 x H x W uint8
 
 
 def decode(blobs: list, paths: list, device: torch.device) -> list:
@@ -340,7 +311,8 @@ def decode(blobs: list, paths: list, device: torch.device) -> list:
             out[i] = img
     for i, img in enumerate(out):
         if img is None:
-            rgb = _pil_decode(blobs[i], paths[i])
+            rgb = np.array(load_rgb(io.BytesIO(blobs[i].numpy().tobytes()), paths[i]))  # as the Pillow path does
+            rgb = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()  # 3 x H x W uint8
             out[i] = rgb if device.type == "cpu" else rgb.pin_memory().to(device, non_blocking=True)
     return out
 
@@ -352,8 +324,7 @@ class DeviceViews:
     widths)` gives the parameters `augment` would use (per group, view-major: entry v*B + b is view v of image b)."""
 
     def __init__(self, groups: list, single: bool):
-        self.groups = groups
-        self.single = single
+        self.groups, self.single = groups, single
 
     def draw(self, heights: torch.Tensor, widths: torch.Tensor) -> list:
         return [draw_params(spec, heights.repeat(n), widths.repeat(n)) for spec, n in self.groups]
@@ -396,11 +367,9 @@ class DeviceViews:
             if isinstance(step, Jitter):
                 x = _run_jitter(x, plans["jitter"], dev)
             elif isinstance(step, Grayscale) and len(host["gray_idx"]):
-                idx = dev["gray_idx"]
-                x[idx] = rgb_to_grayscale(x[idx])
+                x[dev["gray_idx"]] = rgb_to_grayscale(x[dev["gray_idx"]])
             elif isinstance(step, Blur) and len(host["blur_idx"]):
-                idx = dev["blur_idx"]
-                x[idx] = _blur(x[idx], dev["blur_k"])
+                x[dev["blur_idx"]] = _blur(x[dev["blur_idx"]], dev["blur_k"])
             elif isinstance(step, Flip):
                 x = hflip(x, dev["flip"])
         if spec.mean is not None:

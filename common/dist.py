@@ -1,9 +1,5 @@
-"""Process group setup from torchrun's environment, and the few collectives the methods use.
-
-Every script runs inside a process group, even as one plain `python script.py` process (a one-process
-group on an in-process store), so the distributed code paths (all-gather, broadcast, all-reduce) are the
-same at world size 1 and N. NCCL on CUDA, gloo on CPU.
-"""
+"""Process group setup from torchrun's environment (one plain `python script.py` process too: a one-process group,
+so the distributed code paths are the same at any world size; NCCL on CUDA, gloo on CPU), and the collectives."""
 
 import os
 
@@ -14,8 +10,7 @@ from common.cli import UserError
 
 
 def init_distributed(device: str = "auto") -> torch.device:
-    """Join (or create) the process group and return this process's device; device: "auto" (CUDA when available),
-    "cuda" or "cpu"."""
+    """Join (or create) the process group; return this process's device ("auto": CUDA when available)."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available")
@@ -65,8 +60,7 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def gather_to_main(tensor: torch.Tensor) -> torch.Tensor | None:
-    """Gather equal-sized tensors to rank 0 and concatenate them in rank order there; None on the other ranks,
-    which so never hold the whole (a memory bank that only rank 0 writes)."""
+    """Gather equal-sized tensors to rank 0 only, concatenated in rank order (a memory bank); None elsewhere."""
     out = [torch.empty_like(tensor) for _ in range(world_size())] if is_main() else None
     dist.gather(tensor.contiguous(), out, dst=0)
     return torch.cat(out) if is_main() else None

@@ -2,19 +2,9 @@
 
     python -m common.export CHECKPOINT OUT --format torchvision|detectron2 [-a ARCH]
 
-CHECKPOINT is any checkpoint that lincls.py and finetune.py accept: ours (the trunk's architecture is read from
-it), the MoCo repository's (`module.encoder_q.*`) or the SwAV repository's (`module.*`), whose architecture is -a
-(default resnet50). It is checked as strictly as for an evaluation. OUT is written atomically, never overwritten.
-
-- torchvision: the trunk's state_dict. It loads with strict=True into `torchvision.models.<arch>()` once that
-  model's fc is replaced by `nn.Identity()`.
-- detectron2: the pickle detectron2's ResNet loader reads for a file named *.pkl: {"model": {name: numpy array},
-  "__author__": ..., "matching_heuristics": True}, in detectron2's names: conv1 -> stem.conv1, bn1 ->
-  stem.conv1.norm, layer1..layer4 -> res2..res5, bnK -> convK.norm, downsample.0 -> shortcut, downsample.1 ->
-  shortcut.norm; no fc, no num_batches_tracked. Supported: torchvision ResNets, whose blocks are bottleneck blocks
-  (resnet50/101/152; resnext and wide_resnet too, with detectron2's RESNETS.NUM_GROUPS and WIDTH_PER_GROUP set to
-  match) or basic blocks (resnet18/34: RESNETS.DEPTH 18 or 34 and RES2_OUT_CHANNELS 64). The trunk's stride is in
-  its 3x3 convolutions: set RESNETS.STRIDE_IN_1X1 False.
+CHECKPOINT is any checkpoint that lincls.py and finetune.py accept, checked as strictly: ours (the architecture is
+read from it), the MoCo repository's or the SwAV repository's (-a, default resnet50). OUT is written atomically,
+never overwritten. The two formats, and detectron2's settings for them: docs/checkpoints.md.
 """
 
 import argparse
@@ -42,9 +32,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def detectron2_name(key: str) -> str:
-    """A torchvision ResNet trunk key in detectron2's ResNet names: conv1.weight -> stem.conv1.weight,
-    layer1.0.bn2.running_var -> res2.0.conv2.norm.running_var, layer2.0.downsample.1.bias -> res3.0.shortcut.norm.bias.
-    """
+    """A torchvision ResNet trunk key in detectron2's names: conv1.weight -> stem.conv1.weight, layer1.0.bn2.bias ->
+    res2.0.conv2.norm.bias, layer2.0.downsample.1.bias -> res3.0.shortcut.norm.bias."""
     if not key.startswith("layer"):  # the stem: conv1 and its norm bn1
         return "stem." + re.sub(r"^bn1\.", "conv1.norm.", key)
     stage, rest = key.split(".", 1)

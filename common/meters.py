@@ -11,8 +11,7 @@ from common.cli import UserError, reason
 
 
 class Meter:
-    """Average of a scalar over an epoch. Accepts device tensors and sums them on the device, so recording a
-    value does not wait for the GPU; only reading `avg` does."""
+    """Average of a scalar over an epoch; device tensors are summed on the device (only reading `avg` waits)."""
 
     def __init__(self):
         self.sum, self.count = 0.0, 0
@@ -47,10 +46,8 @@ class Progress:
         if dist.is_main() and (i % self.print_freq == 0 or i == self.steps - 1):
             rate = (i + 1) * self.global_batch / (now - self.start)
             vals = "  ".join(f"{k} {m.avg:.4g}" for k, m in self.meters.items())
-            print(
-                f"Epoch [{self.epoch}][{i + 1}/{self.steps}]  {vals}  img/s {rate:.1f}  data {self.data_time.avg:.3f}s",
-                flush=True,
-            )
+            stats = f"{vals}  img/s {rate:.1f}  data {self.data_time.avg:.3f}s"
+            print(f"Epoch [{self.epoch}][{i + 1}/{self.steps}]  {stats}", flush=True)
 
     def summary(self, prefix: str = "train") -> dict:
         """The epoch's means, images/s, seconds, the mean wait for data per step and, on CUDA, the peak GPU memory

@@ -1,37 +1,21 @@
-"""Watching a pretraining run: a kNN monitor of the trunk, and one-line warnings for the usual failures.
-
-kNN monitor (`KNNMonitor`), every --knn-every epochs: each DATA/val image is classified by the weighted kNN of Wu,
-Xiong, Yu, Lin, "Unsupervised Feature Learning via Non-Parametric Instance Discrimination", CVPR 2018, over a fixed,
-class-balanced part of DATA/train (up to 50 images per class, drawn once under seed 0: 50,000 on ImageNet, the same
-for every run and --seed): cosine similarity s_i of L2-normalised pooled trunk features (before fc), the k = 200 most
-similar training images (fewer if the memory is smaller) each voting for its class with weight exp(s_i / T), T = 0.07.
-It leaves training exactly as it was: the trunk runs in eval mode without gradients, each module gets its own
-training flag back, the method's state is never read, its loaders have their own generator and the RNG states
-(torch CPU and CUDA, numpy, python) are restored on leaving. Under torch.distributed, process r embeds images r,
-r+W, ...; the training features are gathered and the counts summed, so every process returns the same accuracy,
-the same for any number of processes. A call costs one eval forward per image (100,000 on ImageNet, about 2 % of a
-MoCo v2 epoch, under 1 % of a DeepCluster-v2 one) and the kNN about 1,250 ResNet-50 forwards more.
-
-Warnings (`check_health`; rank 0, one line each, starting with "warning:"): the loss at its chance value past the
-warm-up, embeddings collapsing (`embedding_spread`), one cluster holding most of the memory (`largest_cluster`). The
-statistics are plain floats, so the scripts log them too.
+"""Watching a pretraining run: a kNN monitor of the trunk (`KNNMonitor`, the weighted kNN of Wu et al. 2018), the
+collapse and clustering statistics, and one-line warnings for the usual failures (`check_health`). What they measure,
+how the monitor leaves training unchanged, and its cost: docs/monitoring.md.
 """
 
 import contextlib
 import math
 import os
-import random
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from common import dist
+from common import ckpt, dist
 from common.cli import UserError
-from common.data import ImageFolder
+from common.data import ImageFolder, shard_loader
 from common.views import eval_val_view
 
 PER_CLASS = 50  # training images per class in the kNN memory: 50,000 on ImageNet, the size of its val set
@@ -40,13 +24,12 @@ KNN_K, KNN_T = 200, 0.07  # Wu et al. 2018
 
 LOSS_RATIO = 0.97  # check_health: warn when the epoch's mean loss is above 0.97 x chance past the warm-up
 SPREAD_MIN = 0.1  # and when embedding_spread is below (1: spread over the sphere; 0.1: within ~6 deg of a direction)
-CLUSTER_MAX = 0.5  # and when one cluster of a head holds more than half of the memory (largest_cluster)
+CLUSTER_MAX = 0.5  # and when one cluster of a head holds more than half of the memory (cluster_sizes)
 
 
 def trunk_features(resnet: torch.nn.Module, images: torch.Tensor, amp: bool = False) -> torch.Tensor:
-    """The pooled features (N x d, fp32) of a torchvision ResNet: its forward up to avgpool, without its fc, so it
-    works whatever the fc is (a classifier, MoCo's MLP head, nn.Identity). With `amp`, bf16 autocast and
-    channels_last input, as the scripts train with --amp on (auto: on CUDA)."""
+    """The pooled features (N x d, fp32) of a torchvision ResNet, whatever its fc: its forward up to avgpool. With
+    `amp`, bf16 autocast and channels_last input, as the scripts train with --amp on."""
     x = images.contiguous(memory_format=torch.channels_last) if amp else images
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
         x = resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x))))
@@ -69,8 +52,7 @@ def knn_predict(queries, memory, memory_labels, num_classes: int, k: int = KNN_K
 
 
 def balanced_subset(targets, per_class: int, seed: int) -> list[int]:
-    """Indices of up to `per_class` samples of each class, drawn in a seeded order (the same on every process),
-    returned in folder order."""
+    """Indices, in folder order, of up to `per_class` samples of each class, drawn in a seeded order."""
     by_class = {}
     for i, t in enumerate(targets):
         by_class.setdefault(t, []).append(i)
@@ -80,22 +62,6 @@ def balanced_subset(targets, per_class: int, seed: int) -> list[int]:
         order = torch.randperm(len(by_class[c]), generator=g)[:per_class].tolist()
         keep += [by_class[c][j] for j in order]
     return sorted(keep)
-
-
-@contextlib.contextmanager
-def _rng_kept(device: torch.device):
-    """Put back the torch (CPU and this CUDA device), numpy and python RNG states on leaving."""
-    cuda = device.type == "cuda"
-    states = torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None, np.random.get_state()
-    py = random.getstate()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(states[0])
-        if cuda:
-            torch.cuda.set_rng_state(states[1], device)
-        np.random.set_state(states[2])
-        random.setstate(py)
 
 
 @contextlib.contextmanager
@@ -111,11 +77,10 @@ def _eval_mode(module: torch.nn.Module):
 
 
 class KNNMonitor:
-    """Weighted-kNN top-1 of a trunk (module docstring). Build it once on every process (the datasets are scanned
+    """Weighted-kNN top-1 of a trunk (docs/monitoring.md). Build it once on every process (the datasets are scanned
     here); call it on every process with the unwrapped trunk (e.g. `model_without_ddp.encoder_q`). With `arch`, the
-    first call also measures a randomly initialised trunk of that architecture, for reference. crop_size: the
-    script's (the eval view resizes to crop * 256/224, then crops the centre); batch_size: images per process per
-    forward; workers: loader processes; amp: bf16 autocast and channels_last, as the script trains (--amp)."""
+    first call also measures a randomly initialised trunk of that architecture. crop_size: the script's; batch_size:
+    images per process per forward; amp: bf16 autocast and channels_last, as the script trains (--amp)."""
 
     def __init__(
         self,
@@ -126,12 +91,10 @@ class KNNMonitor:
         device: torch.device,
         amp: bool = False,
         per_class: int = PER_CLASS,
-        seed: int = SUBSET_SEED,
         k: int = KNN_K,
-        t: float = KNN_T,
         arch: str | None = None,
     ):
-        self.device, self.amp, self.k, self.t = device, amp, k, t
+        self.device, self.amp, self.k = device, amp, k
         self.arch, self.random_acc = arch, None  # the random-trunk reference, computed at the first call
         view, val = eval_val_view(crop_size), os.path.join(data, "val")
         if not os.path.isdir(val):
@@ -140,7 +103,7 @@ class KNNMonitor:
         self.val_set = ImageFolder(val, view)
         if self.val_set.classes != self.train_set.classes:
             raise UserError(f"the class folders of {data}/val differ from those of {data}/train (kNN monitor)")
-        keep = balanced_subset(self.train_set.targets, per_class, seed)
+        keep = balanced_subset(self.train_set.targets, per_class, SUBSET_SEED)
         self.train_set.samples = self.train_set.imgs = [self.train_set.samples[i] for i in keep]
         self.train_set.targets = [target for _, target in self.train_set.samples]
         W = dist.world_size()
@@ -149,16 +112,8 @@ class KNNMonitor:
         self.loaders = [self._loader(s, batch_size, workers) for s in (self.train_set, self.val_set)]
 
     def _loader(self, dataset, batch_size: int, workers: int) -> DataLoader:
-        """This process's shard (images r, r+W, ...), in order. Its own generator: iterating a DataLoader draws a
-        worker base seed, from torch's global RNG unless it is given one."""
-        shard = Subset(dataset, range(dist.rank(), len(dataset), dist.world_size()))
-        return DataLoader(
-            shard,
-            batch_size=batch_size,
-            num_workers=workers,
-            pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(0),
-        )
+        """This process's shard, with its own generator (else iterating draws a worker seed from the global RNG)."""
+        return shard_loader(dataset, batch_size, workers, self.device, generator=torch.Generator().manual_seed(0))
 
     @torch.no_grad()
     def _embed(self, trunk, loader) -> torch.Tensor:
@@ -172,32 +127,30 @@ class KNNMonitor:
         to one size for all_gather; the padding falls at the end of the interleaved order and is dropped."""
         W = dist.world_size()
         m = math.ceil(n / W)
-        padded = torch.zeros(m, local.shape[1], dtype=local.dtype, device=local.device)
-        padded[: local.shape[0]] = local
+        padded = F.pad(local, (0, 0, 0, m - local.shape[0]))  # m x d, zero rows at the end
         everyone = dist.concat_all_gather(padded).view(W, m, -1)  # rank w, row j = image j*W + w
         return everyone.transpose(0, 1).reshape(W * m, -1)[:n]
 
     def accuracy(self, trunk: torch.nn.Module) -> float:
         """Collective: the weighted-kNN top-1 (%) of `trunk` (run in eval mode, changing nothing)."""
-        with _rng_kept(self.device), _eval_mode(trunk), torch.no_grad():
+        with ckpt.rng_kept(self.device), _eval_mode(trunk), torch.no_grad():
             train_loader, val_loader = self.loaders
             memory = self._gather(self._embed(trunk, train_loader), len(self.train_set))  # M x d, all processes
             memory_labels = torch.tensor(self.train_set.targets, device=self.device)  # M
             queries = self._embed(trunk, val_loader)  # this process's val images: Q_r x d
             labels = torch.tensor(self.val_set.targets[dist.rank() :: dist.world_size()], device=self.device)
-            pred = knn_predict(queries, memory, memory_labels, len(self.train_set.classes), self.k, self.t)
+            pred = knn_predict(queries, memory, memory_labels, len(self.train_set.classes), self.k)
             counts = dist.all_reduce_sum(torch.tensor([int((pred == labels).sum()), len(labels)], device=self.device))
         return 100.0 * counts[0].item() / counts[1].item()
 
     def __call__(self, trunk: torch.nn.Module) -> dict:
-        """Collective: call on every process. Returns {"knn/acc1": top-1 in %, "knn/s": seconds of this call}, and
-        with `arch`, "knn/acc1_random": the same kNN on a randomly initialised `arch` trunk (torchvision's
-        initialisation under seed 0, made at the first call; the number a trained trunk must beat)."""
+        """Collective. Returns {"knn/acc1": top-1 in %, "knn/s": seconds of this call} and, with `arch`,
+        "knn/acc1_random": the same on a randomly initialised `arch` trunk (torchvision's, seed 0, first call)."""
         start = time.perf_counter()
         stats = {"knn/acc1": self.accuracy(trunk)}
         if self.arch is not None:
             if self.random_acc is None:
-                with _rng_kept(self.device):
+                with ckpt.rng_kept(self.device):
                     torch.manual_seed(0)
                     random_trunk = torchvision.models.get_model(self.arch).to(self.device)
                 self.random_acc = self.accuracy(random_trunk)
@@ -207,9 +160,8 @@ class KNNMonitor:
 
 
 def knn_monitor(args, crop_size: int, batch_size: int, device):
-    """The scripts' monitor, from their shared flags (--knn-every, DATA, -j, --amp, -a): a KNNMonitor with the random-
-    trunk reference, or None when --knn-every is 0 or DATA/val does not exist (pretraining itself needs only
-    DATA/train; a note says the monitor is off)."""
+    """The scripts' monitor, from their flags (--knn-every, DATA, -j, --amp, -a): a KNNMonitor with the random-trunk
+    reference, or None when --knn-every is 0 or DATA/val does not exist (a note says the monitor is off)."""
     if not args.knn_every:
         return None
     if not os.path.isdir(os.path.join(args.data, "val")):
@@ -219,40 +171,19 @@ def knn_monitor(args, crop_size: int, batch_size: int, device):
 
 
 # ============ statistics and warnings ============
-
-
 @torch.no_grad()
 def embedding_spread(vectors: torch.Tensor) -> float:
-    """Mean over dimensions of the standard deviation of unit vectors (N x D rows), times sqrt(D) (the statistic
-    SimSiam, Chen & He 2021, compares with 1/sqrt(D)): about 1 when they are spread over the sphere, 0 when they are
-    all equal, about r when they lie within an angle of r radians of one direction. It does not see a collapse onto
-    a low-dimensional subspace that is not axis-aligned. Keys of a randomly initialised ResNet-18 or -50 on the
-    generated shapes: 0.5-0.7. MoCo: the queue's columns (`queue.T`, K x D); DeepCluster-v2: the memory bank
-    (M x D)."""
+    """Mean over dimensions of the standard deviation of the rows (N x D) made unit vectors, times sqrt(D): about 1
+    spread over the sphere, 0 all equal (docs/monitoring.md). MoCo: `queue.T` (K x D); DeepCluster-v2: the memory."""
     x = F.normalize(vectors.float(), dim=1)
     return float(x.std(dim=0).mean() * math.sqrt(x.shape[1]))
 
 
 @torch.no_grad()
-def largest_cluster(assignments: torch.Tensor) -> float:
-    """The largest fraction of the assigned images that one cluster of one head holds. assignments: H x N cluster
-    ids, -100 for the images that are not assigned (ignored)."""
-    fractions = []
-    for a in assignments:
-        a = a[a != -100]
-        if a.numel():
-            fractions.append(torch.bincount(a).max().item() / a.numel())
-    return max(fractions, default=0.0)
-
-
-@torch.no_grad()
 def assignment_change(assignments: torch.Tensor, previous: torch.Tensor | None) -> dict:
-    """How much an epoch's k-means moved the images between clusters, from the last epoch's (both H x N, -100 for
-    unassigned images; cluster ids are arbitrary, k-means starts anew every epoch). Per head, over the images
-    assigned in both: NMI, the normalised mutual information of the two partitions (DeepCluster, Caron et al. 2018,
-    Fig. 2: 1 = the same partition), and the fraction of images that changed cluster, each new cluster matched to
-    the last epoch's cluster holding most of its images (0 = no image moved). Means over heads; {} without a
-    previous epoch."""
+    """train/assign_nmi and train/assign_changed (docs/monitoring.md) of this epoch's assignments against the last
+    epoch's (both H x N, -100 for unassigned images), over the images assigned in both, means over heads; {} without
+    a previous epoch."""
     if previous is None:
         return {}
     nmi, changed = [], []
@@ -278,29 +209,28 @@ def assignment_change(assignments: torch.Tensor, previous: torch.Tensor | None) 
 
 @torch.no_grad()
 def cluster_sizes(assignments: torch.Tensor, clusters) -> dict:
-    """The spread of cluster sizes of an epoch's k-means (H x N assignments, -100 ignored; clusters: K_h per head):
-    largest_cluster; the fraction of empty clusters and the ratio of the largest cluster to the mean size N / K_h,
-    means over heads (1 = every cluster the same size)."""
-    empty, ratio = [], []
+    """Cluster sizes of an epoch's k-means (H x N assignments, -100 ignored; clusters: K_h per head): the largest share
+    of the assigned images that one cluster of one head holds; the share of empty clusters and the largest cluster's
+    size over the mean size N / K_h, means over heads (1: all the same size)."""
+    largest, empty, ratio = [], [], []
     for a, k in zip(assignments, clusters):
         a = a[a != -100]
         if a.numel():
             counts = torch.bincount(a, minlength=k)
+            largest.append(float(counts.max()) / a.numel())
             empty.append(float((counts == 0).float().mean()))
             ratio.append(float(counts.max()) * k / a.numel())
     n = max(len(empty), 1)
     return {
-        "train/largest_cluster": largest_cluster(assignments),
+        "train/largest_cluster": max(largest, default=0.0),
         "train/empty_clusters": sum(empty) / n,
         "train/largest_over_mean": sum(ratio) / n,
     }
 
 
 def check_health(stats: dict, chance: float, epoch: int, warmup_epochs: int) -> list[str]:
-    """The warnings that apply to an epoch's logged stats, printed (rank 0) and returned, one line each: train/loss
-    above LOSS_RATIO x `chance` (the loss of the uniform prediction: ln(1 + K) for MoCo v2, the mean of ln K_h over
-    the heads for DeepCluster-v2) after epoch `epoch` (counted from 1, as in log.jsonl) past the first
-    `warmup_epochs`; train/embed_spread below SPREAD_MIN; train/largest_cluster above CLUSTER_MAX."""
+    """The warnings (docs/monitoring.md) that apply to an epoch's logged stats, printed (rank 0) and returned, one line
+    each. chance: the loss of the uniform prediction; epoch: counted from 1, as in log.jsonl."""
     loss, lines = stats["train/loss"], []
     if epoch > warmup_epochs and not loss <= LOSS_RATIO * chance:  # not <=: a NaN warns too
         lines.append(

@@ -1,11 +1,7 @@
-"""Training curves of one or more runs, read from their log.jsonl: loss, lr, images/s and kNN top-1 per epoch.
+"""Training curves of one or more runs, read from their log.jsonl: loss, lr, images/s and kNN top-1 per epoch, one
+line per run, the random trunk's kNN dashed (docs/monitoring.md). Needs matplotlib (pip install matplotlib).
 
     python -m common.plot RUN_DIR [RUN_DIR ...] -o curves.png
-
-One line per run, labelled by its folder name (the random trunk's kNN, when logged, dashed in the run's colour);
-one panel for each of those quantities that some run logs (a run without kNN entries has no curve in that panel).
-If a resumed run logged an epoch twice, the later line counts.
-Needs matplotlib (pip install matplotlib), which nothing else in the project uses.
 """
 
 import argparse
@@ -48,12 +44,6 @@ def read_log(run_dir: str) -> dict[int, dict]:
     return dict(sorted(records.items()))
 
 
-def labels_of(run_dirs: list[str]) -> list[str]:
-    """The folder names; the paths as given where two runs share a name."""
-    names = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
-    return names if len(set(names)) == len(names) else [os.path.normpath(d) for d in run_dirs]
-
-
 def main(args) -> None:
     logs = [read_log(d) for d in args.run_dirs]  # errors before matplotlib is needed
     out_dir = os.path.dirname(os.path.abspath(args.output))
@@ -67,6 +57,8 @@ def main(args) -> None:
         from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise UserError("common.plot needs matplotlib: pip install matplotlib") from None
+    names = [os.path.basename(os.path.normpath(d)) for d in args.run_dirs]  # the paths where two runs share a name
+    labels = names if len(set(names)) == len(names) else [os.path.normpath(d) for d in args.run_dirs]
     panels = [(key, title) for key, title in PANELS if any(key in r for log in logs for r in log.values())]
     if not panels:
         raise UserError(f"no run logs any of {', '.join(key for key, _ in PANELS)}")
@@ -74,7 +66,7 @@ def main(args) -> None:
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False)
     for ax, (key, title) in zip(axes.flat, panels):
-        for i, (log, label) in enumerate(zip(logs, labels_of(args.run_dirs))):
+        for i, (log, label) in enumerate(zip(logs, labels)):
             points = [(e, r[key]) for e, r in log.items() if isinstance(r.get(key), (int, float))]
             if points:  # a run keeps its colour in every panel, also where another run has no curve
                 x, y = zip(*points)

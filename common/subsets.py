@@ -1,22 +1,17 @@
-"""Label subsets for semi-supervised evaluation: a SimCLR list file, or a seeded class-balanced draw.
-
-A list file holds one training-image file name per line (`n01440764_10026.JPEG`: DATA/train/<the prefix before the
-last _>/<file>), as SimCLR's `imagenet_subsets/{1,10}percent.txt` (12,811 and 128,116 images). Without one,
-`balanced` draws floor(perc / 100 x N) images (the same sizes on ImageNet), as evenly over the classes as they
-allow, from the seed alone (the same on any number of processes); a smaller draw is a subset of a larger one.
+"""Label subsets for semi-supervised evaluation: a SimCLR list file (one training file name a line,
+`n01440764_10026.JPEG`), or a seeded class-balanced draw of the same size. See docs/methods/finetune.md.
 """
 
 import os
 
 import torch
 
-from common import dist
+from common import ckpt, dist
 from common.cli import UserError
 
 
 def select(dataset, subset_file: str | None, perc: float, seed: int) -> None:
-    """Restrict an ImageFolder's samples, in place and in folder order, to the list in `subset_file` if given,
-    else to a seeded class-balanced draw of perc % of them."""
+    """Restrict an ImageFolder's samples in place, in folder order: to `subset_file`'s list, else to `balanced`."""
     keep = from_file(dataset, subset_file) if subset_file else balanced(dataset.targets, perc, seed)
     dataset.samples = dataset.imgs = [dataset.samples[i] for i in keep]
     dataset.targets = [target for _, target in dataset.samples]
@@ -72,8 +67,6 @@ def balanced(targets: list[int], perc: float, seed: int) -> list[int]:
 
 def write(path: str, dataset) -> None:
     """Rank 0 writes the file names of the dataset's samples, one a line, in the list-file format (atomically)."""
-    if not dist.is_main():
-        return
-    with open(path + ".tmp", "w") as f:
-        f.writelines(os.path.basename(p) + "\n" for p, _ in dataset.samples)
-    os.replace(path + ".tmp", path)
+    if dist.is_main():
+        names = "".join(os.path.basename(p) + "\n" for p, _ in dataset.samples)
+        ckpt.write_atomic(path, lambda f: f.write(names.encode()))

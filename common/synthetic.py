@@ -1,8 +1,5 @@
 """A small generated ImageFolder of real JPEG files for tests and the quick start: each class a kind of shape (disc,
-square, triangle, cross, ring, bars, ...) at a random position and size, lighter or darker than a random, noisy
-grey background with a faint tint. The class is in the shape, which the methods' crops and colour jitter keep, not in
-what they vary, so a random network probes worse than one that learned the invariances. The learning benchmark's
-other kinds (glyphs, textures) are in benchmarks/datasets.py.
+square, triangle, ...) on a noisy grey background (docs/small-data-recipes.md; more kinds: benchmarks/datasets.py).
 
     python -m common.synthetic OUT [--classes 4] [--train-per-class 32] [--val-per-class 8] [--size 48] [--seed 0]
 """
@@ -40,15 +37,12 @@ def draw(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
         d.rectangle((cx - w / 2, cy - r, cx + w / 2, cy + r), fill=fg)
     elif shape == "ring":
         d.ellipse(box, outline=fg, width=w)
-    elif shape in ("hbars", "vbars"):
-        for k in range(3):
-            o = -r + k * r
-            bar = (
-                (cx - r, cy + o - w / 2, cx + r, cy + o + w / 2)
-                if shape == "hbars"
-                else (cx + o - w / 2, cy - r, cx + o + w / 2, cy + r)
-            )
-            d.rectangle(bar, fill=fg)
+    elif shape == "hbars":
+        for o in (-r, 0.0, r):
+            d.rectangle((cx - r, cy + o - w / 2, cx + r, cy + o + w / 2), fill=fg)
+    elif shape == "vbars":
+        for o in (-r, 0.0, r):
+            d.rectangle((cx + o - w / 2, cy - r, cx + o + w / 2, cy + r), fill=fg)
     elif shape == "diamond":
         d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fg)
     elif shape == "dots":

@@ -4,12 +4,23 @@ moco/loader.py, and the SwAV repository's src/multicropdataset.py (one differenc
 
 import random
 
-from PIL import ImageFilter
+from PIL import Image, ImageFilter
 from torchvision import transforms as T
+
+from common.cli import UserError, reason
 
 # ImageNet statistics. The SwAV repository writes std 0.228 for red, a typo for 0.229; we use 0.229 everywhere.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+
+
+def load_rgb(file, name: str | None = None) -> Image.Image:
+    """An image file (a path, or a file object named `name`) as an RGB Pillow image; a UserError if unreadable."""
+    try:
+        with Image.open(file) as img:
+            return img.convert("RGB")
+    except Exception as err:  # a missing, truncated, corrupt or unreadable file
+        raise UserError(f"cannot read image {name or file}: {reason(err)}") from None
 
 
 class GaussianBlur:
@@ -33,8 +44,7 @@ class TwoCrops:
 
 
 def moco_v2_view(crop_size: int = 224, min_scale: float = 0.2) -> T.Compose:
-    """MoCo v2 aug-plus: crop min_scale-1 (0.2 published), colour jitter 0.4/0.4/0.4/0.1 (p 0.8), grey 0.2, blur
-    (p 0.5), flip."""
+    """MoCo v2 aug-plus, its crop scale (min_scale, 1) (0.2 published)."""
     return T.Compose(
         [
             T.RandomResizedCrop(crop_size, scale=(min_scale, 1.0)),
@@ -49,11 +59,7 @@ def moco_v2_view(crop_size: int = 224, min_scale: float = 0.2) -> T.Compose:
 
 
 class MultiCrop:
-    """SwAV-repo multi-crop: nmb_crops[i] crops of size_crops[i] with scale (min_scale[i], max_scale[i]).
-
-    Each crop: random resized crop, flip, colour jitter 0.8/0.8/0.8/0.2 (p 0.8), grey 0.2, blur (p 0.5).
-    Crops come out grouped by resolution, in the order given.
-    """
+    """SwAV-repo multi-crop: nmb_crops[i] crops of size_crops[i], scale (min_scale[i], max_scale[i]), in that order."""
 
     def __init__(self, nmb_crops, size_crops, min_scale_crops, max_scale_crops):
         self.transforms = []

@@ -89,6 +89,7 @@ def run_epoch(module, model, loader, flags, assignments):
         ["DATA", "-b", str(B), "--print-freq", "100", "--nmb-crops", "2", "2", "--size-crops", "32", "16"]
         + ["--nmb-prototypes", *map(str, HEADS), "--feat-dim", "8", *flags]
     )
+    args.amp = False  # as main() resolves --amp auto on the CPU
     optimizer = module.LARS([p for p in model.parameters() if p.requires_grad], 0.1, 0.9, 1e-6)
     memory = (torch.zeros(len(loader) * B, dtype=torch.long), torch.zeros(2, len(loader) * B, 8))
     torch.manual_seed(5)  # for HEXA, the CutMix draws

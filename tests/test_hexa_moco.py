@@ -93,7 +93,7 @@ def test_cutmix_lambda_is_the_exact_own_area(h, w):
 
 def run_epoch(module, model, loader, flags):
     args = module.get_args_parser().parse_args(["DATA", "-b", "4", "--print-freq", "100", *flags])
-    args.lr = 0.03
+    args.lr, args.amp = 0.03, False  # as main() resolves --amp auto on the CPU
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=0.9, weight_decay=1e-4)
     torch.manual_seed(5)  # shuffle-BN's permutation and, for HEXA, the CutMix draws
     return module.train_one_epoch(model, loader, optimizer, 0, args, torch.device("cpu"))

@@ -20,7 +20,6 @@ from common.monitor import (
     cluster_sizes,
     embedding_spread,
     knn_predict,
-    largest_cluster,
     trunk_features,
 )
 
@@ -202,6 +201,10 @@ def test_spread_warning(capsys):
     assert capsys.readouterr().out == ""
     (line,) = check_spread(embedding_spread(collapsed))
     assert line.startswith("warning: train/embed_spread") and capsys.readouterr().out == line + "\n"
+
+
+def largest_cluster(assignments):
+    return cluster_sizes(assignments, [0] * len(assignments))["train/largest_cluster"]
 
 
 def test_largest_cluster_warning(capsys):
