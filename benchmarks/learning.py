@@ -329,27 +329,30 @@ def jobs_of(methods, reference: bool, study: bool, configs=None) -> list[tuple]:
     return list({(m, c): (m, c, f) for m, c, f in todo}.values())
 
 
+def read_rows(paths) -> list[dict]:
+    """The rows of the JSON-lines files that exist, in order (a later row of the same key replaces an earlier one
+    where they are keyed)."""
+    return [json.loads(line) for path in paths if os.path.exists(path) for line in open(path) if line.strip()]
+
+
 def _key(row) -> tuple:
     return row["dataset"], row["seed"], row["method"], row.get("config", "")
 
 
 def run(methods=BASES, datasets=tuple(DATASETS), seeds=SEEDS, epochs: int = EPOCHS, reference: bool = True,
-        work_dir: str | None = None, log=print, jobs: int = 1, rows_path: str | None = None,
+        work_dir: str | None = None, log=print, jobs: int = 1, rows_path=None,
         study: bool = False, configs=None, trunks_dir: str | None = None) -> list[dict]:  # fmt: skip
     """Every dataset x seed x method, with the random trunk (method "random") and, with `reference`, the supervised
-    trunk (method "supervised") at each dataset and seed; with `study`, the HEXA configurations of STUDY and
-    their controls instead (only the labels in `configs`, when given). `jobs` runs go at once (each with its
-    share of the cores). With `rows_path`, every row is appended there as a JSON line when it is done, and rows
-    already there are not run again. Rows: dataset, seed, method, config, epochs, probe (%), random (the random
-    trunk's probe at that dataset and seed), seconds; cv (the probe's cross-validated accuracy on the training split),
-    probe_bn and cv_bn (the same after re-estimating the BatchNorm statistics: reestimate_bn). With `trunks_dir`, each
-    run's trunk is saved there."""
-    done = {}
-    if rows_path and os.path.exists(rows_path):
-        for line in open(rows_path):
-            r = json.loads(line)
-            if r["epochs"] in (0, epochs):
-                done[_key(r)] = r
+    trunk (method "supervised") at each dataset and seed; with `study`, the configurations of STUDY and their
+    controls instead (only the labels in `configs`, when given). `jobs` runs go at once (each with its share of the
+    cores). With `rows_path` (a file, or a list of files), every row is appended to the (first) file as a JSON line
+    when it is done, and rows already in any of them are not run again. Rows: dataset, seed, method, config, epochs,
+    probe (%), random (the random trunk's probe at that dataset and seed), seconds; cv (the probe's cross-validated
+    accuracy on the training split), probe_bn and cv_bn (the same after re-estimating the BatchNorm statistics:
+    reestimate_bn). With `trunks_dir`, each run's trunk and log are saved there."""
+    paths = [rows_path] if isinstance(rows_path, str) else list(rows_path or [])
+    rows_path = paths[0] if paths else None
+    done = {_key(r): r for r in read_rows(paths) if r["epochs"] in (0, epochs)}
     lock = threading.Lock()
     threads = max(1, (os.cpu_count() or 1) // jobs)
     if jobs > 1:
@@ -517,15 +520,16 @@ if __name__ == "__main__":
                    help="the settings of STUDY instead: of the HEXA variants, or of the bases' recipes")  # fmt: skip
     p.add_argument("--configs", nargs="*", default=None, help="with --study: only these labels (and the controls)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each with its share of the cores (default 1)")
-    p.add_argument("--rows", default=None, help="append each row to this JSON-lines file; skip rows already there")
+    p.add_argument("--rows", nargs="+", default=None,
+                   help="append each row to the first of these JSON-lines files; skip rows already in any")  # fmt: skip
     p.add_argument("--work-dir", default=None, help="where the data and runs go (a temporary folder inside it)")
-    p.add_argument("--report", action="store_true", help="print the tables of the --rows file; run nothing")
+    p.add_argument("--report", action="store_true", help="print the tables of the --rows files; run nothing")
     p.add_argument("--trunks", default=None, help="save each run's trunk and log.jsonl in this folder")
     a = p.parse_args()
     if a.report:
-        rows = [json.loads(line) for line in open(a.rows)] if a.rows and os.path.exists(a.rows) else []
+        rows = list({_key(r): r for r in read_rows(a.rows or [])}.values())  # the latest row of each key
         if not rows:
-            sys.exit(f"error: --report needs a --rows file with rows, not {a.rows}")
+            sys.exit(f"error: --report needs --rows files with rows, not {a.rows}")
         print(table(rows) + "\n\n" + study_table(rows) + "\n\n" + bn_table(rows))
         sys.exit(0)
     for spec in a.datasets:
