@@ -301,8 +301,7 @@ def pixel_stats(device: torch.device) -> tuple:
 
 @contextlib.contextmanager
 def running_stats_frozen(module):
-    """Inside, the module's BatchNorm layers normalise with batch statistics (in train mode) and leave their running
-    statistics and num_batches_tracked as they are: a pass, its backward included, leaves no trace in them."""
+    """Inside, the module's BatchNorm layers (in train mode) use batch statistics and leave their buffers alone."""
     layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in layers:
         m.track_running_stats = False
@@ -314,10 +313,9 @@ def running_stats_frozen(module):
 
 
 class AuxBatchNorm(nn.Module):
-    """AdvProp's auxiliary BatchNorm (Xie et al., "Adversarial Examples Improve Image Recognition", CVPR 2020): a copy
-    of every BatchNorm layer of `net`, affine parameters and running statistics, that hard examples use in place of
-    the net's own, so the BatchNorm that is evaluated sees clean images only. Kept outside `net`, so the saved
-    backbone stays a torchvision ResNet; the copies start as the originals (weight 1, bias 0, fresh statistics)."""
+    """AdvProp's auxiliary BatchNorm (Xie et al., CVPR 2020): a copy of every BatchNorm layer of `net` that hard
+    examples use instead of the net's own, which sees clean images only; kept outside `net` (the saved trunk is
+    torchvision's)."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -331,15 +329,10 @@ class AuxBatchNorm(nn.Module):
 
 
 def adversarial_view(model, loss_fn, images, eps, step, steps, random_start=False):
-    """PGD (Madry et al.) under an L-inf budget in [0, 1] pixel space: `steps` signed-gradient ascent steps of
-    size `step` on loss_fn, each projected onto the eps-ball around the clean pixels and the valid range.
-
-    model: the module loss_fn runs; its BatchNorm running statistics are frozen (running_stats_frozen), so the attack
-    runs BatchNorm in the caller's mode (train: batch statistics) and changes nothing.
-    loss_fn: normalised images N x 3 x H x W -> scalar loss to maximise. Only the input gradient is computed
-    (torch.autograd.grad): no parameter .grad, so no DDP all-reduce when called outside DDP's forward.
-    images: N x 3 x H x W, normalised with MEAN/STD. Returns the adversarial images, normalised, detached.
-    """
+    """PGD (Madry et al.) in [0, 1] pixels: `steps` signed-gradient ascent steps of size `step` on loss_fn (normalised
+    images N x 3 x H x W -> scalar), each projected onto the L-inf eps-ball and the valid range. Only the input
+    gradient (no parameter .grad, no DDP all-reduce) and `model`'s BatchNorm statistics frozen: it changes nothing.
+    images: N x 3 x H x W, normalised with MEAN/STD. Returns the adversarial images, normalised, detached."""
     mean, std = pixel_stats(images.device)
     x0 = images.detach() * std + mean  # clean pixels in [0, 1]: N x 3 x H x W
     x = x0 + torch.empty_like(x0).uniform_(-eps, eps) if random_start else x0

@@ -1,19 +1,17 @@
 """HEXA-MoCo: MoCo v2 trained also on hard queries, adversarial and cut-mixed, with the keys unchanged.
 
 Paper: Li, Li, Zhang, Peng, Zhou, Gao, "Self-supervised Pre-training with Hard Examples Improves Visual
-Representations" (HEXA), arXiv:2012.13493. The attack settings are not known from the paper: ours are flags.
+Representations" (HEXA), arXiv:2012.13493. It publishes no attack, mixing or schedule settings that we could read:
+every default here is our choice, measured on small generated data only (docs/methods/hexa_moco.md, BENCHMARKS.md).
 Base: moco_v2.py; every block that differs is tagged `# HEXA:`. Deltas:
   1. The keys are computed first (MoCo.keys: momentum update, shuffle-BN), so the attack can aim at them.
-  2. Adversarial query: PGD from the clean query in [0,1] pixel space under an L-inf budget (default 1 step,
-     eps = step = 2/255), maximising the query's MoCo loss against its own key and the queue. The attack changes
-     nothing: input gradient only (torch.autograd.grad, outside DDP), BN buffers restored (adversarial_view).
-  3. Cut-mixed query: CutMix of the query views with a partner image of the batch, lambda = the exact fraction
-     of own pixels; loss lambda * l(own key) + (1 - lambda) * l(partner's key), negatives from the queue (cutmix).
-  4. The clean and hard queries go through encoder_q in the one DDP forward per step, their BatchNorm batches per
-     --hard-bn: "own" (default), view after view, so each group of --bn-group-size holds one kind of query (as in
-     the attack); "separate", the same, and the hard pass leaves the running statistics to the clean queries;
-     "shared", image after image, so a group holds all kinds of query of its images. Loss = clean + --adv-weight *
-     adversarial + --mix-weight * cut-mixed; a weight of 0 skips its computation.
+  2. Adversarial query: PGD in [0,1] pixels under an L-inf budget (1 step, eps = step = 2/255) on the query's MoCo
+     loss; input gradient only, BatchNorm statistics untouched (adversarial_view).
+  3. Cut-mixed query: CutMix with a partner image of the batch, loss lambda * l(own key) + (1 - lambda) * l(partner's).
+  4. Hard queries from --hard-start-epoch on (default: after 20 % of the epochs). From the first epoch they stalled
+     the clean loss and cost 10 points of linear probe on the glyphs; started later they gained (see the docs).
+  5. All queries in the one DDP forward, view after view, so each BatchNorm group holds one kind of query.
+     Loss = clean + --adv-weight * adversarial + --mix-weight * cut-mixed; a weight of 0 skips its computation.
 
     python hexa_moco.py DATA                          # one process: one GPU, or the CPU for debugging
     torchrun --nproc_per_node=8 hexa_moco.py DATA     # one node, 8 GPUs, global batch 256
@@ -21,7 +19,6 @@ Base: moco_v2.py; every block that differs is tagged `# HEXA:`. Deltas:
 
 import argparse
 import contextlib  # HEXA: running_stats_frozen
-import copy  # HEXA: AuxBatchNorm
 import functools
 import math
 import os
@@ -42,7 +39,6 @@ from common.views import MEAN, STD, TwoCrops, moco_v2_view  # HEXA: MEAN, STD: t
 METHOD = "hexa_moco"  # HEXA: the name in checkpoints and output folders
 ARCHS = sorted(n for n in torchvision.models.list_models(torchvision.models) if "resne" in n)
 VIEWS = ["auto", "pil", "device"]  # auto: device on CUDA, pil on the CPU (common/device_views.py)
-HARD_BN = ["shared", "own", "separate", "aux"]  # HEXA: the hard queries' BatchNorm (see the docstring)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -83,9 +79,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--adv-steps", type=int, default=1, help="attack (PGD) steps (default 1)")
     p.add_argument("--adv-random-start", action=argparse.BooleanOptionalAction, default=False, help="PGD random start")
     p.add_argument("--mix-weight", type=float, default=1.0, help="cut-mixed queries' loss weight; 0: no CutMix")
-    p.add_argument("--hard-bn", default="own", choices=HARD_BN, help="hard queries' BatchNorm (default own)")
-    p.add_argument("--hard-loss", default="sum", choices=["sum", "mean"], help="clean + weighted hard, or their mean")
-    p.add_argument("--hard-start-epoch", type=int, default=0, help="hard queries from this epoch on (default 0)")
+    p.add_argument(
+        "--hard-start-epoch", type=int, default=None, help="hard queries from this epoch (20 %% of --epochs)"
+    )
     return p
 
 
@@ -142,11 +138,9 @@ class MoCo(nn.Module):
         T: float = 0.2,
         mlp: bool = True,
         bn_group_size: int = 0,
-        hard_bn: str = "own",  # HEXA: the hard queries' BatchNorm batches
     ):
         super().__init__()
         self.K, self.m, self.T = K, m, T
-        self.hard_bn = hard_bn  # HEXA: one of HARD_BN (see --hard-bn)
         # torchvision ResNets whose fc maps the pooled features to C; MoCo v2 puts a hidden layer in front:
         # fc = Linear(d, d), ReLU, Linear(d, C), no BatchNorm (keys fc.0.* and fc.2.*).
         # BatchNorm in groups of bn_group_size images (SplitBatchNorm2d) in both encoders.
@@ -162,7 +156,6 @@ class MoCo(nn.Module):
             p_k.requires_grad = False
         # The queue of keys, C x K, columns unit vectors; ptr is where the next batch of keys is written.
         # Buffers, so both live in state_dict and come back on resume.
-        self.aux_bn = AuxBatchNorm(self.encoder_q) if hard_bn == "aux" else None  # HEXA: the hard queries' own BN
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
@@ -220,29 +213,16 @@ class MoCo(nn.Module):
             l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())  # negative logits: N x K
             return torch.cat([l_pos, l_neg], dim=1) / self.T  # N x (1+K)
 
-    def encode_hard(self, x):  # HEXA: encoder_q on hard queries, the clean queries' BN running statistics kept
-        """The encoder_q outputs of hard queries x with the auxiliary BatchNorm (--hard-bn aux), else with encoder_q's
-        BatchNorm in train mode and its running statistics left as they were."""
-        if self.aux_bn is not None:
-            return self.aux_bn(self.encoder_q, x)
-        with running_stats_frozen(self.encoder_q):
-            return self.encoder_q(x)
-
     def forward(self, im_q, k, im_adv=None, im_mix=None, partner=None):  # HEXA: keys from self.keys, hard queries
         """im_q: N query views; k: the keys of their key views, from self.keys (HEXA: before the forward).
         HEXA: im_adv, im_mix: N adversarial, N cut-mixed queries, or None; partner: N, whose key is the second
         positive of each cut-mixed query. Returns the clean logits N x (1+K) (positive in column 0), labels N
         (zeros) and the hard logits: "adv" N x (1+K), "mix" 2 x N x (1+K) (own key, partner's key) when given.
         Side effect: the enqueue of the clean keys after the logits."""
-        # HEXA: all queries in the one DDP forward, their BatchNorm batches as --hard-bn says (V = 1, 2 or 3 views)
+        # HEXA: all queries in the one DDP forward, view after view (V = 1, 2 or 3), so each BatchNorm group holds
+        # one kind of query
         n, views = im_q.shape[0], [x for x in (im_q, im_adv, im_mix) if x is not None]
-        if self.hard_bn == "shared":  # image after image: each group holds every kind of query of its images
-            q = self.encoder_q(torch.stack(views, dim=1).flatten(0, 1)).unflatten(0, (n, -1)).transpose(0, 1)
-        elif self.hard_bn in ("separate", "aux") and len(views) > 1:  # a hard pass that leaves the clean BN alone
-            q = torch.cat([self.encoder_q(im_q), self.encode_hard(torch.cat(views[1:]))])
-        else:  # "own": view after view, so each group holds one kind of query
-            q = self.encoder_q(torch.cat(views))
-        q = F.normalize(q.flatten(0, -2).float(), dim=1)  # queries: VN x C, view after view
+        q = F.normalize(self.encoder_q(torch.cat(views)).float(), dim=1)  # queries: VN x C, view after view
         logits = self.contrast(q[:n], k)  # N x (1+K)
         hard = {}
         if im_adv is not None:
@@ -256,7 +236,7 @@ class MoCo(nn.Module):
         return logits, labels, hard
 
 
-# HEXA: the hard-example generators and three helpers, the same text in both HEXA scripts
+# HEXA: the hard-example generators and two helpers, the same text in both HEXA scripts
 @functools.cache
 def pixel_stats(device: torch.device) -> tuple:
     """MEAN and STD as 1 x 3 x 1 x 1 tensors on `device`, made once (a host-to-device copy waits for the GPU)."""
@@ -265,8 +245,7 @@ def pixel_stats(device: torch.device) -> tuple:
 
 @contextlib.contextmanager
 def running_stats_frozen(module):
-    """Inside, the module's BatchNorm layers normalise with batch statistics (in train mode) and leave their running
-    statistics and num_batches_tracked as they are: a pass, its backward included, leaves no trace in them."""
+    """Inside, the module's BatchNorm layers (in train mode) use batch statistics and leave their buffers alone."""
     layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in layers:
         m.track_running_stats = False
@@ -277,33 +256,11 @@ def running_stats_frozen(module):
             m.track_running_stats = True
 
 
-class AuxBatchNorm(nn.Module):
-    """AdvProp's auxiliary BatchNorm (Xie et al., "Adversarial Examples Improve Image Recognition", CVPR 2020): a copy
-    of every BatchNorm layer of `net`, affine parameters and running statistics, that hard examples use in place of
-    the net's own, so the BatchNorm that is evaluated sees clean images only. Kept outside `net`, so the saved
-    backbone stays a torchvision ResNet; the copies start as the originals (weight 1, bias 0, fresh statistics)."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.names = [n for n, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        self.layers = nn.ModuleList(copy.deepcopy(net.get_submodule(n)) for n in self.names)
-
-    def forward(self, net: nn.Module, x):
-        """net(x) with every BatchNorm layer's tensors swapped for its copy's (gradients and statistics go there)."""
-        swap = {f"{n}.{k}": v for n, m in zip(self.names, self.layers) for k, v in m.state_dict(keep_vars=True).items()}
-        return torch.func.functional_call(net, swap, (x,))
-
-
 def adversarial_view(model, loss_fn, images, eps, step, steps, random_start=False):
-    """PGD (Madry et al.) under an L-inf budget in [0, 1] pixel space: `steps` signed-gradient ascent steps of
-    size `step` on loss_fn, each projected onto the eps-ball around the clean pixels and the valid range.
-
-    model: the module loss_fn runs; its BatchNorm running statistics are frozen (running_stats_frozen), so the attack
-    runs BatchNorm in the caller's mode (train: batch statistics) and changes nothing.
-    loss_fn: normalised images N x 3 x H x W -> scalar loss to maximise. Only the input gradient is computed
-    (torch.autograd.grad): no parameter .grad, so no DDP all-reduce when called outside DDP's forward.
-    images: N x 3 x H x W, normalised with MEAN/STD. Returns the adversarial images, normalised, detached.
-    """
+    """PGD (Madry et al.) in [0, 1] pixels: `steps` signed-gradient ascent steps of size `step` on loss_fn (normalised
+    images N x 3 x H x W -> scalar), each projected onto the L-inf eps-ball and the valid range. Only the input
+    gradient (no parameter .grad, no DDP all-reduce) and `model`'s BatchNorm statistics frozen: it changes nothing.
+    images: N x 3 x H x W, normalised with MEAN/STD. Returns the adversarial images, normalised, detached."""
     mean, std = pixel_stats(images.device)
     x0 = images.detach() * std + mean  # clean pixels in [0, 1]: N x 3 x H x W
     x = x0 + torch.empty_like(x0).uniform_(-eps, eps) if random_start else x0
@@ -367,7 +324,7 @@ def train_one_epoch(model, loader, optimizer, epoch: int, args, device) -> dict:
                 zeros = torch.zeros(k.shape[0], dtype=torch.long, device=device)  # the positive is class 0
 
                 def loss_fn(x):  # the MoCo loss of queries x against their own keys and the queue
-                    return F.cross_entropy(moco.contrast(F.normalize(moco.encode_hard(x).float(), dim=1), k), zeros)
+                    return F.cross_entropy(moco.contrast(F.normalize(moco.encoder_q(x).float(), dim=1), k), zeros)
 
                 eps, step = args.adv_eps / 255, args.adv_step / 255
                 im_adv = adversarial_view(
@@ -385,8 +342,6 @@ def train_one_epoch(model, loader, optimizer, epoch: int, args, device) -> dict:
             own, other = (F.cross_entropy(logits_mix, labels) for logits_mix in hard["mix"])  # own, partner's key
             hexa["hexa/mix_loss"] = lam * own + (1 - lam) * other
             loss = loss + args.mix_weight * hexa["hexa/mix_loss"]
-        if args.hard_loss == "mean":  # HEXA: the weighted mean of the clean and hard losses
-            loss = loss / (1 + (args.adv_weight + args.mix_weight) * on)
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -408,7 +363,8 @@ def main(args):
         args.lr = 0.03 * args.batch_size / 256  # linear scaling rule, 0.03 at batch 256
     if args.moco_k % args.batch_size:
         raise UserError(f"--moco-k {args.moco_k} must be a multiple of the global --batch-size {args.batch_size}")
-    # HEXA: the hard-query flags
+    # HEXA: the hard-query flags; by default the hard queries start after 20 % of the epochs
+    args.hard_start_epoch = round(0.2 * args.epochs) if args.hard_start_epoch is None else args.hard_start_epoch
     if min(args.adv_weight, args.adv_eps, args.adv_step, args.adv_steps, args.mix_weight, args.hard_start_epoch) < 0:
         raise UserError("--adv-*, --mix-weight and --hard-start-epoch must not be negative")
     if args.mix_weight > 0 and args.batch_size < 2 * dist.world_size():  # HEXA: CutMix pairs images of a process
@@ -431,8 +387,7 @@ def main(args):
 
     # ============ model ============
     bn_group = args.bn_group_size or loader.batch_size  # images per BatchNorm group
-    config = (args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, bn_group, args.hard_bn)
-    model = MoCo(*config).to(device)  # HEXA: + --hard-bn
+    model = MoCo(args.arch, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp, bn_group).to(device)
     if args.amp:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:  # torch.compile of both encoders, in place: the same modules, parameters and checkpoint keys
@@ -453,9 +408,7 @@ def main(args):
         if not ckpt.restore_rng(state["rng"]):
             dist.print0("note: the number of processes changed; RNG states not restored")
         dist.print0(f"resumed from {resume_path} at epoch {start_epoch}")
-    unused = args.hard_bn == "aux"  # HEXA: the auxiliary BN has no gradient in a step without hard queries
-    model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                    find_unused_parameters=unused)  # fmt: skip
+    model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # ============ training loop ============
     for epoch in range(start_epoch, args.epochs):
@@ -481,8 +434,8 @@ def main(args):
         if knn and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             stats.update(knn(model_without_ddp.encoder_q))
         log_epoch(args.output_dir, {"epoch": epoch + 1, "train/lr": lr, **stats})
-        hard = (args.adv_weight + args.mix_weight) * (epoch >= args.hard_start_epoch) * (args.hard_loss == "sum")
-        chance = (1 + hard) * math.log(1 + args.moco_k)  # HEXA: chance of a sum of 3 losses, or of their mean
+        hard = (args.adv_weight + args.mix_weight) * (epoch >= args.hard_start_epoch)  # HEXA: chance of a sum of
+        chance = (1 + hard) * math.log(1 + args.moco_k)  # 3 losses once the hard queries start
         check_health(stats, chance, epoch + 1, warmup_epochs=5)
     dist.cleanup()
 

@@ -154,7 +154,7 @@ METHODS = {
     "moco_v2_8groups": moco_family("moco_v2", [], groups=8),
     "moco_v2_compiled": moco_family("moco_v2", ["--compile"]),
     "mochi": moco_family("mochi", ["--mix-start-epoch", "0"]),
-    "hexa_moco": moco_family("hexa_moco", []),
+    "hexa_moco": moco_family("hexa_moco", ["--hard-start-epoch", "0"]),  # the steps with hard queries
     "deepcluster_v2": dcluster_family("deepcluster_v2"),
     "hexa_dcluster": dcluster_family("hexa_dcluster"),
     "deepcluster_v2_compiled": dcluster_family("deepcluster_v2", ["--compile"]),
