@@ -31,19 +31,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks import kmeans, learning, loading, pipelines  # noqa: E402
+from benchmarks import kmeans, learning, loading, pipelines, step  # noqa: E402
 
-METHODS = ["supervised", "moco_v2", "moco_v2_groups", "mochi", "hexa_moco", "deepcluster_v2", "hexa_dcluster"]
-BASE = {"moco_v2_groups": "moco_v2", "mochi": "moco_v2", "hexa_moco": "moco_v2", "hexa_dcluster": "deepcluster_v2"}
-VIEWS = {  # what one "image" of the batch costs the method, for reading the ratios
-    "supervised": "1 x S fwd+bwd",
-    "moco_v2": "2 x S (query fwd+bwd, key fwd)",
-    "moco_v2_groups": "as moco_v2, BatchNorm in 4 groups per process",
-    "mochi": "as moco_v2, + mixing",
-    "hexa_moco": "as moco_v2, + attack, + 2 hard queries",
-    "deepcluster_v2": "2 x S + 6 small crops (0.18 S each)",
-    "hexa_dcluster": "as deepcluster_v2, + attack, + 4 hard crops",
-}
+# The step table's methods (benchmarks/step.py): moco_v2_8groups is MoCo v2 with 8 BatchNorm groups per process,
+# the paper's 8 x 32 images on one device.
+METHODS = ["supervised", "moco_v2", "moco_v2_8groups", "mochi", "hexa_moco", "deepcluster_v2", "hexa_dcluster"]
 
 
 def marks(device: str) -> tuple:
@@ -76,7 +68,7 @@ def steps(o) -> str:
     jobs = [(methods, o.batches)] if o.device == "cuda" else [([m], [b]) for m in methods for b in o.batches]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     for names, batches in jobs:
-        cmd = [sys.executable, "-m", "benchmarks.step", *names, "--batches", *map(str, batches), *common]
+        cmd = [sys.executable, "-m", "benchmarks.step", *names, "--batches", *map(str, batches), *common, "--profile"]
         out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if out.returncode:
             print(out.stderr[-2000:], file=sys.stderr)
@@ -87,32 +79,25 @@ def steps(o) -> str:
                 rows[r["method"], r["batch"]] = r
                 print(f"  {r['method']} (batch {r['batch']}): {r['step_s'] * 1000:.0f} ms/step", flush=True)
     mem = "peak GPU memory" if o.device == "cuda" else "peak RSS of the process"
-    lines = [f"| method | batch | per image | ms / step (min / max) | img/s | {mem} | / supervised | / base |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for (m, b), r in rows.items():
-        sup, base = rows[("supervised", b)]["step_s"], rows.get((BASE.get(m), b))
-        ratio = f"{r['step_s'] / base['step_s']:.2f}" if base else ""
-        lines.append(
-            f"| {m} | {b} | {VIEWS[m]} | {r['step_s'] * 1e3:.1f} ({r['min_s'] * 1e3:.1f} / {r['max_s'] * 1e3:.1f}) "
-            f"| {r['img_s']:.1f} | {r['peak_gib']:.2f} GiB | {r['step_s'] / sup:.2f} | {ratio} |"
-        )
+    table = "\n\n".join(f"Batch {b} per process:\n\n" + step.markdown([r for (_, n), r in rows.items() if n == b], mem)
+                          for b in o.batches)  # fmt: skip
     precision = "bf16 + channels_last" if o.device == "cuda" else "fp32"
     small = max(16, round(o.size * 96 / 224))
     settings = (
         f"{o.arch}, {o.size} px (multi-crop: 2 x {o.size} + 6 x {small}), batch per process as listed, "
         f"MoCo queue {o.queue}, {precision}, {o.reps} repetitions of {o.steps} steps after a warm-up"
     )
-    return "\n".join(lines) + f"\n\nSettings: {settings}. S = one forward of the batch at {o.size} px."
+    return table + f"\n\nSettings: {settings}; the profile: self time of the operators (torch.profiler)."
 
 
 def script_of(method: str) -> str:
-    return method.removesuffix("_groups")
+    return method.removesuffix("_8groups")
 
 
 PRESETS = {  # per device, and --quick: arch, size, batches, queue, steps, reps, k-means sizes
     "cuda": dict(arch="resnet50", size=224, batches=[32, 64], queue=65536, steps=10, reps=3, kmeans_n=[1_281_167]),
     "cpu": dict(arch="resnet18", size=64, batches=[32], queue=4096, steps=3, reps=5, kmeans_n=[8_000, 64_000]),
-    "quick": dict(arch="resnet18", size=32, batches=[8], queue=1024, steps=1, reps=1, kmeans_n=[4_000]),
+    "quick": dict(arch="resnet18", size=32, batches=[16], queue=1024, steps=1, reps=1, kmeans_n=[4_000]),
 }
 
 

@@ -156,7 +156,7 @@ METHODS = {
     "mochi": moco_family("mochi", ["--mix-start-epoch", "0"]),
     "hexa_moco": moco_family("hexa_moco", ["--hard-start-epoch", "0"]),  # the steps with hard queries
     "deepcluster_v2": dcluster_family("deepcluster_v2"),
-    "hexa_dcluster": dcluster_family("hexa_dcluster"),
+    "hexa_dcluster": dcluster_family("hexa_dcluster", ["--hard-start-epoch", "0"]),  # the steps with hard views
     "deepcluster_v2_compiled": dcluster_family("deepcluster_v2", ["--compile"]),
 }
 
@@ -215,6 +215,50 @@ def profile(method: str, o, device: torch.device) -> dict:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+BASE = {"mochi": "moco_v2", "hexa_moco": "moco_v2", "hexa_dcluster": "deepcluster_v2"}
+BASE.update({m: m.split("_v2")[0] + "_v2" for m in METHODS if m.startswith(("moco_v2_", "deepcluster_v2_"))})
+
+
+def markdown(rows, memory: str | None = None) -> str:
+    """Markdown of measure()'s rows at one batch: ms per step, the ratios to the supervised step and to the base
+    beside the ratios the arithmetic (ARITHMETIC) predicts, and, for rows with a profile, ms per step by operator
+    family. `memory`: the header of a peak-memory column (rows from one process each), or none."""
+    by = {r["method"]: r for r in rows}
+
+    def ratio(r, other):
+        if other is None:
+            return ""
+        f, g = ARITHMETIC[r["method"]][0], ARITHMETIC[other["method"]][0]
+        return f"{r['step_s'] / other['step_s']:.2f} ({f / g:.2f})"
+
+    mem = f" {memory} |" if memory else ""
+    out = [f"| method | arithmetic, F = a forward of the batch | ms / step (min / max) | img/s |{mem} "
+           "/ supervised (arithmetic) | / base (arithmetic) |",
+           "|---|---|---:|---:|" + "---:|" * (2 + bool(memory))]  # fmt: skip
+    for m, r in by.items():
+        f, what = ARITHMETIC[m]
+        cells = [f"{what}: {f:.1f}F", f"{r['step_s'] * 1e3:.1f} ({r['min_s'] * 1e3:.1f} / {r['max_s'] * 1e3:.1f})",
+                 f"{r['img_s']:.1f}", *([f"{r['peak_gib']:.2f} GiB"] if memory else []),
+                 ratio(r, by.get("supervised")) if m != "supervised" else "1.00",
+                 ratio(r, by.get(BASE.get(m)))]  # fmt: skip
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    profiled = [r for r in by.values() if "profile_ms" in r]
+    families = sorted(
+        {k for r in profiled for k in r["profile_ms"]}, key=lambda k: -max(r["profile_ms"].get(k, 0) for r in profiled)
+    )
+    if profiled:
+        out += ["", "| ms / step by operator family | " + " | ".join(families) + " | all |",
+                "|---|" + "---:|" * (len(families) + 1)]  # fmt: skip
+        for r in profiled:
+            p = r["profile_ms"]
+            out.append(
+                f"| {r['method']} | "
+                + " | ".join(f"{p.get(k, 0):.1f}" for k in families)
+                + f" | {sum(p.values()):.1f} |"
+            )
+    return "\n".join(out)
+
+
 def measure(method: str, o, device: torch.device) -> dict:
     """One method at o.batch images per process: median (min, max) seconds per step over o.reps repetitions of
     o.steps steps after a warm-up, images/s and the peak memory of the timed steps (GPU) or of the process (CPU)."""
@@ -244,7 +288,7 @@ def measure(method: str, o, device: torch.device) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("methods", nargs="+", choices=sorted(METHODS), help="one or more (on a GPU, one process for all)")
+    p.add_argument("methods", nargs="*", help=f"one or more of {sorted(METHODS)} (on a GPU, one process for all)")
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batches", type=int, nargs="+", default=[32], help="per-process batches (default 32)")
@@ -254,7 +298,15 @@ def main():
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--profile", action="store_true", help="also ms per step by operator family (torch.profiler)")
     p.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="bf16, channels_last (auto: on CUDA)")
+    p.add_argument(
+        "--table", nargs="+", default=None, help="print the markdown of these JSON-lines outputs; run nothing"
+    )
     o = p.parse_args()
+    if o.table:
+        print(markdown([json.loads(line) for path in o.table for line in open(path) if line.startswith("{")]))
+        return
+    if not o.methods or set(o.methods) - set(METHODS):
+        p.error(f"give one or more methods of {sorted(METHODS)}, or --table")
     device = dist.init_distributed(o.device)
     o.amp = o.amp == "on" or (o.amp == "auto" and device.type == "cuda")
     for method in o.methods:
