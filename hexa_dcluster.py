@@ -1,20 +1,20 @@
 """HEXA-DCluster: DeepCluster-v2 trained also on hard views of the large crops, adversarial and cut-mixed.
 
 Paper: Li, Li, Zhang, Peng, Zhou, Gao, "Self-supervised Pre-training with Hard Examples Improves Visual
-Representations" (HEXA), arXiv:2012.13493. The attack settings are not known from the paper: ours are flags.
+Representations" (HEXA), arXiv:2012.13493. It publishes no attack, mixing or schedule settings that we could read:
+every default here is our choice, measured on small generated data only (docs/methods/hexa_dcluster.md, BENCHMARKS.md).
 Base: deepcluster_v2.py; every block that differs is tagged `# HEXA:`. Deltas:
-  1. Adversarial view: PGD from the V0 = nmb_crops[0] large crops in [0,1] pixel space under an L-inf budget
-     (default 1 step, eps = step = 2/255), maximising their DeepCluster loss against their images' k-means
-     assignments (towards a wrong cluster). The attack changes nothing: input gradient only (torch.autograd.grad,
-     outside DDP), BN buffers restored (adversarial_view); prototypes, memory bank and assignments only read.
+  1. Adversarial view: PGD from the V0 = nmb_crops[0] large crops in [0,1] pixels under an L-inf budget (1 step,
+     eps = step = 2/255) on their DeepCluster loss against their images' k-means assignments; input gradient only,
+     BatchNorm statistics untouched (adversarial_view); prototypes, memory bank and assignments only read.
   2. Cut-mixed view: CutMix of the large crops with a partner image of the batch (one box for all the large crops
-     of an image), lambda = the exact fraction of own pixels; loss lambda * l(own assignment) + (1 - lambda) *
-     l(partner's assignment), per head (cutmix).
-  3. The hard views go through the one DDP forward of the step, their BatchNorm batches per --hard-bn: "shared"
-     (default), in the large crops' trunk pass; "own", trunk and head passes of their own; "separate", those,
-     leaving the running statistics to the clean crops. The clean rows give the base's loss and memory update.
-     Loss = clean + s * (--adv-weight * adversarial + --mix-weight * cut-mixed), s = 1 (--hard-scale view: a hard
-     kind weighs as all the clean crops) or V0 / V (crop: a hard crop as a clean one); a weight of 0 skips it.
+     of an image); loss lambda * l(own assignment) + (1 - lambda) * l(partner's), per head (cutmix).
+  3. Hard views from --hard-start-epoch on (default: after 20 % of the epochs, as HEXA-MoCo, whose study chose it;
+     what it gives here: docs/methods/hexa_dcluster.md). ImageNet: not measured.
+  4. The hard views go through the one DDP forward of the step, their BatchNorm batches per --hard-bn: "shared"
+     (default), in the large crops' trunk pass; "own", passes of their own; "separate", those, leaving the running
+     statistics to the clean crops. The clean rows give the base's loss and memory update.
+     Loss = clean + --adv-weight * adversarial + --mix-weight * cut-mixed; a weight of 0 skips its computation.
 
     python hexa_dcluster.py DATA                          # one process: one GPU, or the CPU for debugging
     torchrun --nproc_per_node=8 hexa_dcluster.py DATA     # one node, 8 GPUs, global batch 4096 (published: 64 x 64)
@@ -22,7 +22,6 @@ Base: deepcluster_v2.py; every block that differs is tagged `# HEXA:`. Deltas:
 
 import argparse
 import contextlib  # HEXA: running_stats_frozen
-import copy  # HEXA: AuxBatchNorm
 import functools
 import itertools
 import math
@@ -46,7 +45,7 @@ from common.views import MEAN, STD, MultiCrop  # HEXA: MEAN, STD: the attack wor
 METHOD = "hexa_dcluster"  # HEXA: the name in checkpoints and output folders
 ARCHS = sorted(n for n in torchvision.models.list_models(torchvision.models) if "resne" in n)
 VIEWS = ["auto", "pil", "device"]  # auto: device on CUDA, pil on the CPU (common/device_views.py)
-HARD_BN = ["shared", "own", "separate", "aux"]  # HEXA: the hard views' BatchNorm (see the docstring)
+HARD_BN = ["shared", "own", "separate"]  # HEXA: the hard views' BatchNorm (see the docstring)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -92,8 +91,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--adv-random-start", action=argparse.BooleanOptionalAction, default=False, help="PGD random start")
     p.add_argument("--mix-weight", type=float, default=1.0, help="cut-mixed views' loss weight; 0: no CutMix")
     p.add_argument("--hard-bn", default="shared", choices=HARD_BN, help="hard views' BatchNorm (default shared)")
-    p.add_argument("--hard-loss", default="sum", choices=["sum", "mean"], help="clean + weighted hard, or their mean")
-    p.add_argument("--hard-start-epoch", type=int, default=0, help="hard views from this epoch on (default 0)")
+    p.add_argument("--hard-start-epoch", type=int, default=None, help="hard views from this epoch (20 %% of --epochs)")
     p.add_argument("--mix-partner", default="image", choices=["image", "view"], help="CutMix source (default image)")
     return p
 
@@ -125,8 +123,7 @@ class DeepClusterV2(nn.Module):
         # (the reference freezes them for 300k iterations, longer than its longest run).
         self.prototypes = nn.ModuleList(nn.Linear(feat_dim, k, bias=False) for k in nmb_prototypes)
         self.prototypes.requires_grad_(False)
-        self.hard_bn = hard_bn  # HEXA: one of HARD_BN; "aux": the hard views' own BatchNorm layers
-        self.aux_bn = AuxBatchNorm(self) if hard_bn == "aux" else None
+        self.hard_bn = hard_bn  # HEXA: one of HARD_BN
 
     def forward_head(self, feats):
         """feats: V*b x d. Returns z (V*b x D, unit rows, fp32) and the scores [V*b x K_h for each head]."""
@@ -134,17 +131,13 @@ class DeepClusterV2(nn.Module):
         with torch.autocast(z.device.type, enabled=False):  # scores in fp32, also under bf16 autocast
             return z, [head(z) for head in self.prototypes]
 
-    def forward_hard(self, x):  # HEXA: hard views alone, through the auxiliary BatchNorm with --hard-bn aux
-        return self.aux_bn(self, [x]) if self.aux_bn is not None else self(x)
-
     def forward(self, crops, hard=()):  # HEXA: + the hard views
         """crops: a list of V crop batches (b x 3 x s_v x s_v), grouped by resolution. Consecutive crops of the same
         size go through the trunk together (trunk BN statistics per resolution); the head runs once on all of them.
         Row v*b + i of the outputs is crop v of image i."""
         # HEXA: hard: batches of hard views of the first resolution; their rows follow the V*b clean rows. hard_bn
         # "shared": they join the large crops' trunk pass and the head's pass; "own": trunk and head passes of their
-        # own; "separate": those, leaving the BatchNorm running statistics as they were; "aux": those, through the
-        # auxiliary BatchNorm layers.
+        # own; "separate": those, leaving the BatchNorm running statistics as they were.
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         groups = [torch.cat(list(group)) for _, group in itertools.groupby(crops, lambda c: c.shape[-1])]  # HEXA
@@ -156,7 +149,7 @@ class DeepClusterV2(nn.Module):
         if not hard:  # HEXA: else the hard views' own passes, their rows after the clean ones
             return z, scores
         with running_stats_frozen(self) if self.hard_bn == "separate" else contextlib.nullcontext():
-            z_hard, scores_hard = self.forward_hard(torch.cat(hard))
+            z_hard, scores_hard = self(torch.cat(hard))
         return torch.cat([z, z_hard]), [torch.cat(pair) for pair in zip(scores, scores_hard)]
 
 
@@ -292,7 +285,7 @@ def deepcluster_loss(scores, targets, temperature):
     return loss / len(scores)
 
 
-# HEXA: the hard-example generators and three helpers, the same text in both HEXA scripts
+# HEXA: the hard-example generators and two helpers, the same text in both HEXA scripts
 @functools.cache
 def pixel_stats(device: torch.device) -> tuple:
     """MEAN and STD as 1 x 3 x 1 x 1 tensors on `device`, made once (a host-to-device copy waits for the GPU)."""
@@ -310,22 +303,6 @@ def running_stats_frozen(module):
     finally:
         for m in layers:
             m.track_running_stats = True
-
-
-class AuxBatchNorm(nn.Module):
-    """AdvProp's auxiliary BatchNorm (Xie et al., CVPR 2020): a copy of every BatchNorm layer of `net` that hard
-    examples use instead of the net's own, which sees clean images only; kept outside `net` (the saved trunk is
-    torchvision's)."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.names = [n for n, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        self.layers = nn.ModuleList(copy.deepcopy(net.get_submodule(n)) for n in self.names)
-
-    def forward(self, net: nn.Module, x):
-        """net(x) with every BatchNorm layer's tensors swapped for its copy's (gradients and statistics go there)."""
-        swap = {f"{n}.{k}": v for n, m in zip(self.names, self.layers) for k, v in m.state_dict(keep_vars=True).items()}
-        return torch.func.functional_call(net, swap, (x,))
 
 
 def adversarial_view(model, loss_fn, images, eps, step, steps, random_start=False):
@@ -432,7 +409,7 @@ def train_one_epoch(model, loader, optimizer, schedule, memory, assignments, epo
             if args.adv_weight > 0 and on:
 
                 def loss_fn(x):  # the DeepCluster loss of the large crops x against their images' clusters
-                    return deepcluster_loss(dc.forward_hard(x)[1], targets, args.temperature)
+                    return deepcluster_loss(dc(x)[1], targets, args.temperature)
 
                 eps, step = args.adv_eps / 255, args.adv_step / 255
                 large = torch.cat(images[:n0])  # V0*b x 3 x s0 x s0
@@ -456,8 +433,6 @@ def train_one_epoch(model, loader, optimizer, schedule, memory, assignments, epo
             own, other = (deepcluster_loss(mix_scores, t, args.temperature) for t in (targets, targets[:, partner]))
             hexa["hexa/mix_loss"] = lam * own + (1 - lam) * other
             loss = loss + args.mix_weight * hexa["hexa/mix_loss"]
-        if args.hard_loss == "mean":  # HEXA: the weighted mean of the clean and hard losses
-            loss = loss / (1 + (args.adv_weight + args.mix_weight) * on)
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -499,6 +474,7 @@ def main(args):
     args.final_lr = 0.0048 * args.batch_size / 4096 if args.final_lr is None else args.final_lr
     args.start_warmup = 0.3 * args.batch_size / 4096 if args.start_warmup is None else args.start_warmup
     # HEXA: the hard-view flags
+    args.hard_start_epoch = round(0.2 * args.epochs) if args.hard_start_epoch is None else args.hard_start_epoch
     if min(args.adv_weight, args.adv_eps, args.adv_step, args.adv_steps, args.mix_weight, args.hard_start_epoch) < 0:
         raise UserError("--adv-*, --mix-weight and --hard-start-epoch must not be negative")
     if args.mix_weight > 0 and args.batch_size < 2 * dist.world_size():  # HEXA: CutMix pairs images of a process
@@ -545,9 +521,7 @@ def main(args):
             dist.print0("note: the number of processes changed; RNG states not restored")
         saved_memory = state["extra"].get("memory")
         dist.print0(f"resumed from {resume_path} at epoch {start_epoch}")
-    unused = args.hard_bn == "aux"  # HEXA: the auxiliary BN has no gradient in a step without hard views
-    model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                    find_unused_parameters=unused)  # fmt: skip
+    model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # ============ memory bank ============
     W, r = dist.world_size(), dist.rank()
@@ -602,10 +576,8 @@ def main(args):
         if knn and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             stats.update(knn(model_without_ddp.backbone))
         log_epoch(args.output_dir, {"epoch": epoch + 1, **stats, f"train/{METHOD}/kmeans_s": kmeans_s})
-        # HEXA: chance is (1 + the hard weights) x the mean of ln K_h for a sum of three DeepCluster losses
-        hard = (args.adv_weight + args.mix_weight) * (epoch >= args.hard_start_epoch) * (args.hard_loss == "sum")
-        chance = (1 + hard) * sum(math.log(k) for k in args.nmb_prototypes)
-        chance = chance / len(args.nmb_prototypes)
+        hard = (args.adv_weight + args.mix_weight) * (epoch >= args.hard_start_epoch)  # HEXA: chance of a sum of
+        chance = (1 + hard) * sum(math.log(k) for k in args.nmb_prototypes) / len(args.nmb_prototypes)  # 3 losses
         check_health(stats, chance, epoch + 1, args.warmup_epochs)
     dist.cleanup()
 

@@ -1,12 +1,12 @@
 """Evidence that the methods learn: a short pretraining on generated data, then a linear probe of the pretrained
 trunk, next to the same probe on a randomly initialised trunk (the lower reference) and on the same trunk trained
-supervised on the labels with the same budget (the upper reference), on two kinds of data and several seeds.
+supervised on the labels with the same budget (the upper reference), on three kinds of data and several seeds.
 
-Data (`common/synthetic.py`, `benchmarks/datasets.py`): the generated shapes and the generated glyphs. In both the
-class is in the geometry (which shape; which arrangement of strokes) while the position, the size, the grey levels,
-a tint and the background are random: nuisances that the methods' own augmentations (crops, colour jitter,
-grey-scale) teach a network to ignore, so a probe on random features does poorly and a probe on learned features
-should do clearly better.
+Data (`common/synthetic.py`, `benchmarks/datasets.py`): the generated shapes, glyphs and textures. In all three the
+class is in the geometry (which shape; which arrangement of strokes; which element, repeated over the image) while
+the position, the size, the grey levels, a tint and the background are random: nuisances that the methods' own
+augmentations (crops, colour jitter, grey-scale) teach a network to ignore, so a probe on random features does
+poorly and a probe on learned features should do clearly better.
 
 Seeds: seed s draws the dataset (images and, for glyphs, the alphabet), the training run (`--seed s`) and the random
 trunk's initialisation; the table gives every seed and the mean +- half the range over seeds.
@@ -20,7 +20,7 @@ Supervised reference: the same arch from scratch, cross-entropy on the labels, w
 epochs and training images as the self-supervised runs (SGD, cosine lr; the training view of the repo's linear and
 fine-tuning protocols: random resized crop and flip), then the same probe on its trunk.
 
-    python -m benchmarks.learning [--methods moco_v2 ...] [--datasets shapes glyphs] [--seeds 0 1] [--epochs N]
+    python -m benchmarks.learning [--methods moco_v2 ...] [--datasets shapes glyphs textures] [--seeds 0 1] [--epochs N]
     python -m benchmarks.learning --datasets glyphs:classes=12 --seeds 10 11     # a variant, as name:key=value,...
 """
 
@@ -280,7 +280,7 @@ def probe(arch: str, state: dict | None, root: str, crop: int = CROP, seed: int 
 # The HEXA study (--study hexa): each variant's settings against its base at the same recipe and learning rate
 # (the control: the base's row at that dataset and seed). (label, flags added to the variant's recipe). "" is the
 # script's defaults; the former ones put the hard examples in from the first epoch. Rows of settings whose flags are
-# gone (HEXA-MoCo's mean loss and auxiliary BatchNorm) stay in the rows files and the tables.
+# gone (the mean loss and the auxiliary BatchNorm) stay in the rows files and the tables.
 _FORMER = [
     ("from epoch 0 (former default)", ["--hard-start-epoch", "0"]),
     ("adversarial only, from epoch 0", ["--hard-start-epoch", "0", "--mix-weight", "0"]),
@@ -290,10 +290,10 @@ STUDY = {
     "hexa_moco": [("", []), *_FORMER],
     "hexa_dcluster": [
         ("", []),
-        ("mean loss", ["--hard-loss", "mean"]),  # the weighted mean of the losses: steps of the base's size
-        ("from epoch 6", ["--hard-start-epoch", "6"]),  # hard examples after the first 20 % of the 30 epochs
-        ("aux BN", ["--hard-bn", "aux"]),  # AdvProp's auxiliary BatchNorm for the hard examples
-        ("mix with the other view", ["--mix-partner", "view"]),
+        *_FORMER[:1],
+        ("cut-mixed only", ["--adv-weight", "0"]),
+        ("mix with the other view", ["--mix-partner", "view"]),  # the other large crop of the image as CutMix source
+        ("separate BN", ["--hard-bn", "separate"]),  # running statistics from the clean crops only
     ],
 }
 # The recipe study (--study recipe): each base's recipe against changes of it, the candidates of the DeepCluster-v2
