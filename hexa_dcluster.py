@@ -9,8 +9,9 @@ Base: deepcluster_v2.py; every block that differs is tagged `# HEXA:`. Deltas:
      BatchNorm statistics untouched (adversarial_view); prototypes, memory bank and assignments only read.
   2. Cut-mixed view: CutMix of the large crops with a partner image of the batch (one box for all the large crops
      of an image); loss lambda * l(own assignment) + (1 - lambda) * l(partner's), per head (cutmix).
-  3. Hard views from --hard-start-epoch on (default: after 20 % of the epochs, as HEXA-MoCo, whose study chose it;
-     what it gives here: docs/methods/hexa_dcluster.md). ImageNet: not measured.
+  3. Hard views from --hard-start-epoch on (default: after 20 % of the epochs, as HEXA-MoCo). On small generated
+     data no setting measured has beaten DeepCluster-v2 (-0.7 to -16.1 points, docs/methods/hexa_dcluster.md): the
+     default is the least harmful one, not a gain. ImageNet: not measured.
   4. The hard views go through the one DDP forward of the step, their BatchNorm batches per --hard-bn: "shared"
      (default), in the large crops' trunk pass; "own", passes of their own; "separate", those, leaving the running
      statistics to the clean crops. The clean rows give the base's loss and memory update.

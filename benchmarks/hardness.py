@@ -2,6 +2,7 @@
 (train/hexa/*_loss of its log.jsonl), and its clean loss beside the control's (the base's loss at the same recipe).
 
     python -m benchmarks.hardness LOG.jsonl [LOG.jsonl ...] --control BASE_LOG.jsonl -o hardness.png [--table]
+    python -m benchmarks.hardness LOG.jsonl [LOG.jsonl ...] --keys train/loss train/assign_nmi   # any logged keys
 
 A log's label is its file name (benchmarks/learning.py --trunks names them DATA-sSEED-METHOD-CONFIG.jsonl).
 """
@@ -45,16 +46,34 @@ def table(logs: dict[str, list[dict]], control: list[dict] | None, epochs=(1, 5,
     return "\n".join(out)
 
 
+def keys_table(logs: dict[str, list[dict]], keys: list[str], epochs=(1, 2, 5, 10, 20, 30)) -> str:
+    """Markdown: per run and epoch, the logged values of `keys` (DeepCluster-v2's cluster diagnostics, say)."""
+    out = [
+        "| run | epoch | " + " | ".join(k.removeprefix("train/") for k in keys) + " |",
+        "|---|" + "---:|" * (1 + len(keys)),
+    ]
+    for name, log in logs.items():
+        for r in log:
+            if r["epoch"] in epochs:
+                out.append(
+                    f"| {name} | {r['epoch']} | " + " | ".join(f"{r[k]:.3g}" if k in r else "" for k in keys) + " |"
+                )
+    return "\n".join(out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("logs", nargs="+")
     p.add_argument("--control", default=None, help="the base's log.jsonl at the same recipe")
     p.add_argument("-o", "--output", default=None, help="write the figure here (needs matplotlib)")
     p.add_argument("--table", action="store_true", help="print a markdown table")
+    p.add_argument("--keys", nargs="+", default=None, help="print a markdown table of these logged keys instead")
     a = p.parse_args()
     logs = {label(path): read(path) for path in a.logs}
     control = read(a.control) if a.control else None
-    if a.table:
+    if a.keys:
+        print(keys_table(logs, a.keys))
+    elif a.table:
         print(table(logs, control))
     if a.output:
         import matplotlib

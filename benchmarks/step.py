@@ -233,14 +233,14 @@ def markdown(rows, memory: str | None = None) -> str:
 
     mem = f" {memory} |" if memory else ""
     out = [f"| method | arithmetic, F = a forward of the batch | ms / step (min / max) | img/s |{mem} "
-           "/ supervised (arithmetic) | / base (arithmetic) |",
-           "|---|---|---:|---:|" + "---:|" * (2 + bool(memory))]  # fmt: skip
+           "/ supervised (arithmetic) | / base (arithmetic) | warm-up (2 steps) |",
+           "|---|---|---:|---:|" + "---:|" * (3 + bool(memory))]  # fmt: skip
     for m, r in by.items():
         f, what = ARITHMETIC[m]
         cells = [f"{what}: {f:.1f}F", f"{r['step_s'] * 1e3:.1f} ({r['min_s'] * 1e3:.1f} / {r['max_s'] * 1e3:.1f})",
                  f"{r['img_s']:.1f}", *([f"{r['peak_gib']:.2f} GiB"] if memory else []),
                  ratio(r, by.get("supervised")) if m != "supervised" else "1.00",
-                 ratio(r, by.get(BASE.get(m)))]  # fmt: skip
+                 ratio(r, by.get(BASE.get(m))), f"{r['warmup_s']:.1f} s"]  # fmt: skip
         out.append(f"| {m} | " + " | ".join(cells) + " |")
     profiled = [r for r in by.values() if "profile_ms" in r]
     families = sorted(
