@@ -279,8 +279,9 @@ def probe(arch: str, state: dict | None, root: str, crop: int = CROP, seed: int 
 
 # The HEXA study (--study hexa): each variant's settings against its base at the same recipe and learning rate
 # (the control: the base's row at that dataset and seed). (label, flags added to the variant's recipe). "" is the
-# script's defaults; the former ones put the hard examples in from the first epoch. Rows of settings whose flags are
-# gone (the mean loss and the auxiliary BatchNorm) stay in the rows files and the tables.
+# script's defaults; the former ones put the hard examples in from the first epoch (and, in HEXA-DCluster, the
+# adversarial views too). Rows of settings whose flags are gone (the mean loss and the auxiliary BatchNorm) stay in
+# the rows files and the tables.
 _FORMER = [
     ("from epoch 0 (former default)", ["--hard-start-epoch", "0"]),
     ("adversarial only, from epoch 0", ["--hard-start-epoch", "0", "--mix-weight", "0"]),
@@ -289,9 +290,9 @@ _FORMER = [
 STUDY = {
     "hexa_moco": [("", []), *_FORMER],
     "hexa_dcluster": [
-        ("", []),
-        *_FORMER[:1],
-        ("cut-mixed only", ["--adv-weight", "0"]),
+        ("", []),  # cut-mixed views only
+        ("adversarial and cut-mixed", ["--adv-weight", "1"]),
+        ("adversarial and cut-mixed, from epoch 0 (former default)", ["--adv-weight", "1", "--hard-start-epoch", "0"]),
         ("mix with the other view", ["--mix-partner", "view"]),  # the other large crop of the image as CutMix source
         ("separate BN", ["--hard-bn", "separate"]),  # running statistics from the clean crops only
     ],

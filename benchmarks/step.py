@@ -156,7 +156,7 @@ METHODS = {
     "mochi": moco_family("mochi", ["--mix-start-epoch", "0"]),
     "hexa_moco": moco_family("hexa_moco", ["--hard-start-epoch", "0"]),  # the steps with hard queries
     "deepcluster_v2": dcluster_family("deepcluster_v2"),
-    "hexa_dcluster": dcluster_family("hexa_dcluster", ["--hard-start-epoch", "0"]),  # the steps with hard views
+    "hexa_dcluster": dcluster_family("hexa_dcluster", ["--hard-start-epoch", "0", "--adv-weight", "1"]),  # both kinds
     "deepcluster_v2_compiled": dcluster_family("deepcluster_v2", ["--compile"]),
 }
 

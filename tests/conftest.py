@@ -37,7 +37,7 @@ PRETRAINED = {
     "hexa_moco.py": MOCO_TINY,
     # a constant lr, so that a 1-epoch run is this run's first epoch (the resume test)
     "deepcluster_v2.py": [*DC_TINY, "--warmup-epochs", "0", "--lr", "0.1", "--final-lr", "0.1"],
-    "hexa_dcluster.py": DC_TINY,
+    "hexa_dcluster.py": [*DC_TINY, "--adv-weight", "1"],  # both kinds of hard view (the default: cut-mixed only)
 }
 
 

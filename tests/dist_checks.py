@@ -178,7 +178,7 @@ def runs(out):
         ("mochi", "mochi", [*PRETRAINED["mochi.py"], *device, *two]),
         ("hexa_moco", "hexa_moco", [*MOCO_TINY, *device, *two]),
         ("deepcluster_v2", "deepcluster_v2", [*DC_TINY, *device, *two]),
-        ("hexa_dcluster", "hexa_dcluster", [*DC_TINY, *device, *two]),
+        ("hexa_dcluster", "hexa_dcluster", [*DC_TINY, "--adv-weight", "1", *device, *two]),
         ("lincls_moco_v2", "lincls", [*TINY, "--epochs", "1", "--pretrained", ckpt("moco_v2")]),
         ("lincls_deepcluster_v2", "lincls", [*TINY, "--epochs", "1", "--pretrained", ckpt("deepcluster_v2")]),
         ("finetune_moco_v2", "finetune", [*TINY, "-b", "4", *two, "--schedule", "1", "--pretrained", ckpt("moco_v2")]),

@@ -26,7 +26,7 @@ AMP_RUNS = {
     "mochi": [*MOCO_TINY, "--mochi-n", "16", "--mochi-s", "8", "--mochi-s-prime", "4", "--mix-start-epoch", "0"],
     "hexa_moco": MOCO_TINY,
     "deepcluster_v2": [*AMP_DC, "--nmb-prototypes", "8", "8", "8"],
-    "hexa_dcluster": [*AMP_DC, "--nmb-prototypes", "8", "8", "8"],
+    "hexa_dcluster": [*AMP_DC, "--nmb-prototypes", "8", "8", "8", "--adv-weight", "1"],  # the attack under bf16
 }
 
 

@@ -113,10 +113,10 @@ def test_zero_weights_is_deepcluster_v2(process_group):
     a, b = base.module.state_dict(), hexa.module.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
     assert all(torch.equal(x, y) for x, y in zip(memory_base, memory_hexa))
-    # and with the default weights the hard views do enter the loss; the prototypes and assignments stay as they were
+    # and with both weights at 1 the hard views do enter the loss; the prototypes and assignments stay as they were
     hexa = DistributedDataParallel(tiny_model(hexa_dcluster))
     prototypes, kept = [h.weight.clone() for h in hexa.module.prototypes], assignments.clone()
-    stats, memory = run_epoch(hexa_dcluster, hexa, loader, [], assignments)
+    stats, memory = run_epoch(hexa_dcluster, hexa, loader, ["--adv-weight", "1"], assignments)
     assert stats["train/loss"] > stats_base["train/loss"] and stats["train/hexa/adv_loss"] > 0
     assert stats["train/hexa/mix_loss"] > 0 and torch.equal(assignments, kept)
     assert all(torch.equal(h.weight, p) for h, p in zip(hexa.module.prototypes, prototypes))
@@ -157,17 +157,18 @@ def test_hard_views_start_at_hard_start_epoch(process_group):
     loader, assignments = Loader([(torch.tensor([0, 1, 2, 6]), crops(seed=7))]), assignments_with_unseen()
     torch.manual_seed(0)
     hexa = DistributedDataParallel(tiny_model())
-    stats, _ = run_epoch(hexa_dcluster, hexa, loader, ["--hard-start-epoch", "1"], assignments)
+    stats, _ = run_epoch(hexa_dcluster, hexa, loader, ["--hard-start-epoch", "1", "--adv-weight", "1"], assignments)
     torch.manual_seed(0)
     base = DistributedDataParallel(tiny_model(deepcluster_v2))
     assert stats["train/loss"] == run_epoch(deepcluster_v2, base, loader, [], assignments)[0]["train/loss"]
     assert not any(key.startswith("train/hexa/") for key in stats)
     a, b = base.module.state_dict(), hexa.module.state_dict()
     assert all(torch.equal(a[name], b[name]) for name in a)
-    stats, _ = run_epoch(hexa_dcluster, hexa, loader, ["--hard-start-epoch", "0"], assignments)
+    stats, _ = run_epoch(hexa_dcluster, hexa, loader, ["--hard-start-epoch", "0", "--adv-weight", "1"], assignments)
     parts = [stats[f"train/hexa/{k}_loss"] for k in ("clean", "adv", "mix")]
     assert stats["train/loss"] == pytest.approx(sum(parts), rel=1e-5) and min(parts) > 0
-    assert hexa_dcluster.get_args_parser().parse_args(["DATA"]).hard_start_epoch is None  # main(): 20 % of epochs
+    defaults = hexa_dcluster.get_args_parser().parse_args(["DATA"])
+    assert defaults.hard_start_epoch is None and defaults.adv_weight == 0  # main(): 20 % of epochs; cut-mixed only
 
 
 def test_mix_partner_view_pastes_the_other_large_crop(process_group):
