@@ -9,7 +9,7 @@ Base: moco_v2.py; every block that differs is tagged `# HEXA:`. Deltas:
      loss; input gradient only, BatchNorm statistics untouched (adversarial_view).
   3. Cut-mixed query: CutMix with a partner image of the batch, loss lambda * l(own key) + (1 - lambda) * l(partner's).
   4. Hard queries from --hard-start-epoch on (default: after 20 % of the epochs). From the first epoch they stalled
-     the clean loss and cost 10 points of linear probe on the glyphs; from 20 % on they gained 5.1 points over MoCo
+     the clean loss and cost 10 points of linear probe on the glyphs; from 20 % on they gained 5.0 points over MoCo
      v2 on average over 3 small generated datasets x 2 seeds (-0.7 to +10.9). ImageNet: not measured.
   5. All queries in the one DDP forward, view after view, so each BatchNorm group holds one kind of query.
      Loss = clean + --adv-weight * adversarial + --mix-weight * cut-mixed; a weight of 0 skips its computation.

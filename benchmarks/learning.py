@@ -416,8 +416,9 @@ def run(methods=BASES, datasets=tuple(DATASETS), seeds=SEEDS, epochs: int = EPOC
 
 
 def _spread(values) -> str:
+    """The mean ± half the range (with two values, the midpoint ± half their difference)."""
     lo, hi = min(values), max(values)
-    return f"{(lo + hi) / 2:.1f} ± {(hi - lo) / 2:.1f}"
+    return f"{float(np.mean(values)):.1f} ± {(hi - lo) / 2:.1f}"
 
 
 def _data_note(rows) -> str:
