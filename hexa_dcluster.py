@@ -579,8 +579,8 @@ def main(args):
         if knn and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             stats.update(knn(model_without_ddp.backbone))
         log_epoch(args.output_dir, {"epoch": epoch + 1, **stats, f"train/{METHOD}/kmeans_s": kmeans_s})
-        hard = (args.adv_weight + args.mix_weight) * (epoch >= args.hard_start_epoch)  # HEXA: chance of a sum of
-        chance = (1 + hard) * sum(math.log(k) for k in args.nmb_prototypes) / len(args.nmb_prototypes)  # 3 losses
+        hard = (args.adv_weight + args.mix_weight) * (epoch >= args.hard_start_epoch)  # HEXA: chance of the clean
+        chance = (1 + hard) * sum(math.log(k) for k in args.nmb_prototypes) / len(args.nmb_prototypes)  # + hard losses
         check_health(stats, chance, epoch + 1, args.warmup_epochs)
     dist.cleanup()
 

@@ -8,13 +8,11 @@ A log's label is its file name (benchmarks/learning.py --trunks names them DATA-
 """
 
 import argparse
-import json
 import os
+import sys
 
-
-def read(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.learning import read_rows  # noqa: E402
 
 
 def series(log: list[dict], key: str, minus: str | None = None) -> tuple[list[int], list[float]]:
@@ -69,8 +67,8 @@ def main():
     p.add_argument("--table", action="store_true", help="print a markdown table")
     p.add_argument("--keys", nargs="+", default=None, help="print a markdown table of these logged keys instead")
     a = p.parse_args()
-    logs = {label(path): read(path) for path in a.logs}
-    control = read(a.control) if a.control else None
+    logs = {label(path): read_rows([path]) for path in a.logs}
+    control = read_rows([a.control]) if a.control else None
     if a.keys:
         print(keys_table(logs, a.keys))
     elif a.table:

@@ -343,19 +343,18 @@ def _key(row) -> tuple:
 
 
 def run(methods=BASES, datasets=tuple(DATASETS), seeds=SEEDS, epochs: int = EPOCHS, reference: bool = True,
-        work_dir: str | None = None, log=print, jobs: int = 1, rows_path=None,
+        work_dir: str | None = None, log=print, jobs: int = 1, rows_paths=(),
         study: bool = False, configs=None, trunks_dir: str | None = None) -> list[dict]:  # fmt: skip
     """Every dataset x seed x method, with the random trunk (method "random") and, with `reference`, the supervised
     trunk (method "supervised") at each dataset and seed; with `study`, the configurations of STUDY and their
     controls instead (only the labels in `configs`, when given). `jobs` runs go at once (each with its share of the
-    cores). With `rows_path` (a file, or a list of files), every row is appended to the (first) file as a JSON line
-    when it is done, and rows already in any of them are not run again. Rows: dataset, seed, method, config, epochs,
+    cores). With `rows_paths` (JSON-lines files), every row is appended to the first as a JSON line when it is done,
+    and rows already in any of them are not run again. Rows: dataset, seed, method, config, epochs,
     probe (%), random (the random trunk's probe at that dataset and seed), seconds; cv (the probe's cross-validated
     accuracy on the training split), probe_bn and cv_bn (the same after re-estimating the BatchNorm statistics:
     reestimate_bn). With `trunks_dir`, each run's trunk and log are saved there."""
-    paths = [rows_path] if isinstance(rows_path, str) else list(rows_path or [])
-    rows_path = paths[0] if paths else None
-    done = {_key(r): r for r in read_rows(paths) if r["epochs"] in (0, epochs)}
+    rows_path = rows_paths[0] if rows_paths else None
+    done = {_key(r): r for r in read_rows(rows_paths) if r["epochs"] in (0, epochs)}
     lock = threading.Lock()
     threads = max(1, (os.cpu_count() or 1) // jobs)
     if jobs > 1:
@@ -547,6 +546,6 @@ if __name__ == "__main__":
     unknown = set(a.configs or ()) - {label for configs in STUDY.values() for label, _ in configs}
     if unknown:
         sys.exit(f"error: unknown --configs {sorted(unknown)}; see STUDY in {__file__}")
-    rows = run(methods, a.datasets, a.seeds, a.epochs, a.reference, a.work_dir, jobs=a.jobs, rows_path=a.rows,
+    rows = run(methods, a.datasets, a.seeds, a.epochs, a.reference, a.work_dir, jobs=a.jobs, rows_paths=a.rows or (),
                study=bool(a.study), configs=a.configs, trunks_dir=a.trunks)  # fmt: skip
     print(study_table(rows) if a.study else table(rows))

@@ -34,7 +34,7 @@ sys.path.insert(0, ROOT)
 from benchmarks import kmeans, learning, loading, pipelines, step  # noqa: E402
 
 # The step table's methods (benchmarks/step.py): moco_v2_8groups is MoCo v2 with 8 BatchNorm groups per process,
-# the paper's 8 x 32 images on one device.
+# the grouping of the paper's 8-GPU run on one device.
 METHODS = ["supervised", "moco_v2", "moco_v2_8groups", "mochi", "hexa_moco", "deepcluster_v2", "hexa_dcluster"]
 
 
